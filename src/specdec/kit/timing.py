@@ -1,0 +1,82 @@
+"""Timers and the facts every benchmark must report (device, BLAS)."""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import platform
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import mlx.core as mx
+
+
+@contextmanager
+def timer() -> Iterator[list[float]]:
+    """`with timer() as t: ...` then `t[0]` holds the elapsed seconds."""
+    box = [0.0]
+    start = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box[0] = time.perf_counter() - start
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of `fn()` in seconds; `fn` must evaluate its own MLX arrays."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _loaded_libraries() -> list[str]:
+    try:
+        with open("/proc/self/maps") as f:
+            return sorted({line.split()[-1] for line in f if ".so" in line})
+    except OSError:
+        return []
+
+
+def blas_info() -> dict:
+    """Which BLAS MLX's CPU matmuls run on, as far as the process can tell."""
+    system = platform.system()
+    if system == "Darwin":
+        name = "Accelerate (macOS)"
+    else:
+        libs = _loaded_libraries()
+        openblas = [lib for lib in libs if "openblas" in os.path.basename(lib)]
+        if openblas:
+            name = f"OpenBLAS ({openblas[0]})"
+        else:
+            name = "MLX bundled reference BLAS (slow: see `specdec doctor`)"
+    return {
+        "blas": name,
+        "fast_blas_available": find_openblas(),
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        "device": str(mx.default_device()),
+        "mlx": mx.__version__,
+        "platform": f"{system} {platform.machine()}",
+    }
+
+
+def find_openblas() -> str | None:
+    """Path of a system OpenBLAS that could be preloaded on Linux, or None."""
+    for candidate in (
+        "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+        "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    ):
+        if os.path.exists(candidate):
+            return candidate
+    return ctypes.util.find_library("openblas")
+
+
+def uses_fast_blas() -> bool:
+    info = blas_info()["blas"]
+    return not info.startswith("MLX bundled")
