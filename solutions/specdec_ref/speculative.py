@@ -63,6 +63,8 @@ def speculative_generate(
     draft tokens and False for the target's correction or bonus token.
     Each round: draft K tokens, one target call on the tokens it has not seen + the K drafts
     (the first call is also the prompt's prefill), `verify_speculation`, then `commit_round`.
+    A drafter may return fewer than the K tokens asked for (at least one; Week 3's n-gram
+    drafter does): use the number of drafts it returned.
     """
     prompt_tokens = mx.array(prompt_tokens, dtype=mx.int32).reshape(-1)
     if prompt_tokens.size == 0:
@@ -85,6 +87,7 @@ def speculative_generate(
         start = time.perf_counter()
         draft_tokens, q_draft = decoder.draft_generation(draft_unseen, K, temperature, key_draft)
         mx.eval(draft_tokens, q_draft)
+        K = draft_tokens.shape[0]  # a drafter may propose fewer tokens than asked
         drafted = time.perf_counter()
 
         # One target call scores every draft (and, on the first round, prefills the prompt).

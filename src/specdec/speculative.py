@@ -57,6 +57,8 @@ def speculative_generate(
     draft tokens and False for the target's correction or bonus token.
     Each round: draft K tokens, one target call on the tokens it has not seen + the K drafts
     (the first call is also the prompt's prefill), `verify_speculation`, then `commit_round`.
+    A drafter may return fewer than the K tokens asked for (at least one; Week 3's n-gram
+    drafter does): use the number of drafts it returned.
     """
     raise NotImplementedError(
         "Week 2 Day 4 Task 2: speculative_generate — see book/src/week2-04-full-loop.md"
