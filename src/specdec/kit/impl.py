@@ -23,6 +23,10 @@ EXERCISE_MODULES = [
     "verify",
     "speculative",
     "theory",
+    "adaptive",
+    "batched",
+    "drafters",
+    "tree",
 ]
 
 
