@@ -51,7 +51,9 @@ def blas_info() -> dict:
         name = "Accelerate (macOS)"
     else:
         libs = _loaded_libraries()
-        openblas = [lib for lib in libs if "openblas" in os.path.basename(lib)]
+        # numpy/scipy ship their own `libscipy_openblas64_*.so`, which MLX does not use: only a
+        # system `libopenblas.so*` (preloaded, it replaces MLX's bundled BLAS symbols) counts.
+        openblas = [lib for lib in libs if os.path.basename(lib).startswith("libopenblas")]
         if openblas:
             name = f"OpenBLAS ({openblas[0]})"
         else:
