@@ -31,6 +31,7 @@ def top_k_filter(probs: mx.array, k: int) -> mx.array:
     Returns float32 [..., V]: tokens whose probability is below the row's k-th largest
     probability get 0; the rest are rescaled to sum to 1 (ties with the k-th value are kept).
     """
+    probs = probs.astype(mx.float32)  # the contract promises float32 whatever comes in
     V = probs.shape[-1]
     if k <= 0 or k >= V:
         return probs
@@ -50,6 +51,7 @@ def top_p_filter(probs: mx.array, top_p: float) -> mx.array:
     """
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    probs = probs.astype(mx.float32)
     if top_p == 1:
         return probs
     order = mx.argsort(-probs, axis=-1)

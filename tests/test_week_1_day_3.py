@@ -1,0 +1,174 @@
+"""Week 1 Day 3 — the cost of a forward pass: time_forward and the cost curve t(k) / t(1).
+
+Wall-clock timings of a real model depend on the machine, so these tests grade the *contract*
+with fake models whose forward takes a known time (`a + b * num_tokens` seconds of sleep).
+Chapter: book/src/week1-03-forward-cost.md. Grade one task with
+    pytest tests/test_week_1_day_3.py --impl student -k task_1
+"""
+
+import statistics
+import time
+
+import mlx.core as mx
+import pytest
+
+from specdec.kit.models import MarkovLM
+
+CHAPTER = "see book/src/week1-03-forward-cost.md"
+MS = 1e-3
+
+
+class SleepyModel:
+    """A model (mlx-lm interface) whose call sleeps `a + b * num_tokens` seconds.
+
+    `extra` maps a call number (0-based, counting only calls of `slow_tokens` tokens) to extra
+    seconds of sleep, to plant a cold first call or an outlier. Every call is logged as
+    (tokens fed, cache offset before the call).
+    """
+
+    def __init__(self, a: float, b: float, slow_tokens: int = 0, extra: dict | None = None):
+        self.a, self.b, self.slow_tokens, self.extra = a, b, slow_tokens, extra or {}
+        self.inner = MarkovLM(mx.full((12, 12), 1 / 12))
+        self.vocab_size = self.inner.vocab_size
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, inputs, cache=None):
+        num_tokens = int(inputs.shape[-1])
+        if num_tokens == self.slow_tokens:
+            n = sum(1 for L, _ in self.calls if L == num_tokens)
+            time.sleep(self.extra.get(n, 0.0))
+        self.calls.append((num_tokens, cache[0].offset if cache else 0))
+        time.sleep(self.a + self.b * num_tokens)
+        return self.inner(inputs, cache=cache)
+
+    def make_cache(self):
+        return self.inner.make_cache()
+
+    def calls_of(self, num_tokens: int) -> list[int]:
+        """Cache offsets seen by the calls that fed `num_tokens` tokens."""
+        return [offset for L, offset in self.calls if L == num_tokens]
+
+
+class LazyModel:
+    """A model whose work happens only when its logits are evaluated (like every MLX model)."""
+
+    def __init__(self):
+        self.inner = MarkovLM(mx.full((12, 12), 1 / 12))
+        self.vocab_size = self.inner.vocab_size
+        self.weight = mx.random.normal((256, 256), key=mx.random.key(0)) / 16.0
+        mx.eval(self.weight)
+
+    def work(self) -> mx.array:
+        x = self.weight
+        for _ in range(3):  # ~0.1 GFLOP: a few ms to tens of ms depending on the BLAS
+            x = x @ self.weight
+        return x.sum()
+
+    def __call__(self, inputs, cache=None):
+        return self.inner(inputs, cache=cache) + 0.0 * self.work()  # same logits, lazy cost
+
+    def make_cache(self):
+        return self.inner.make_cache()
+
+
+# Task 1: time_forward ---------------------------------------------------------------------------
+def test_task_1_returns_the_median(impl):
+    # 2 ms + 1 ms/token, fed 4 tokens: 6 ms. One timed call is a 100 ms outlier (call 3 of
+    # the 4-token calls: the warm-up is call 0): a median ignores it, a mean would not.
+    model = SleepyModel(a=2 * MS, b=1 * MS, slow_tokens=4, extra={3: 100 * MS})
+    t = impl.cost.time_forward(model, 4, context_len=10, repeats=5)
+    expected = 6 * MS
+    assert isinstance(t, float), f"time_forward returns seconds as a python float, got {type(t)}"
+    assert 0.95 * expected <= t <= 1.5 * expected + 8 * MS, (
+        f"a forward that sleeps 6 ms (one repeat in five an outlier of 106 ms) measured "
+        f"{t * 1e3:.1f} ms: return the median of the timed repeats, in seconds — {CHAPTER}"
+    )
+
+
+def test_task_1_every_repeat_sees_the_same_context(impl):
+    model = SleepyModel(a=0.5 * MS, b=0.0)
+    impl.cost.time_forward(model, 3, context_len=7, repeats=4)
+    offsets = model.calls_of(3)
+    assert len(offsets) == 5, (
+        f"expected one warm-up and 4 timed calls of 3 tokens, got {len(offsets)} calls "
+        f"(all calls as (tokens, offset): {model.calls})"
+    )
+    assert offsets == [7] * 5, (
+        f"every call of 3 tokens must come after exactly context_len = 7 cached tokens, but the "
+        f"cache offsets before them were {offsets}: fill the cache once, then trim it back to "
+        f"context_len after each call — {CHAPTER}"
+    )
+
+
+def test_task_1_warm_up_is_not_timed(impl):
+    # The first 3-token call is "cold" (+150 ms), like a first call that allocates buffers.
+    model = SleepyModel(a=1 * MS, b=0.0, slow_tokens=3, extra={0: 150 * MS})
+    t = impl.cost.time_forward(model, 3, context_len=8, repeats=1)
+    assert t < 60 * MS, (
+        f"measured {t * 1e3:.0f} ms for a 1 ms forward whose first call is 150 ms slow: make one "
+        f"untimed warm-up call before the timed repeats — {CHAPTER}"
+    )
+
+
+def test_task_1_evaluates_the_output(impl):
+    model = LazyModel()
+    cost = []
+    for _ in range(3):  # what evaluating one forward's output costs on this machine, now
+        start = time.perf_counter()
+        mx.eval(model(mx.array([[1, 2]])))
+        cost.append(time.perf_counter() - start)
+    t = impl.cost.time_forward(model, 2, context_len=4, repeats=3)
+    assert t >= 0.2 * statistics.median(cost), (
+        f"time_forward measured {t * 1e3:.2f} ms for a forward whose evaluation takes "
+        f"{statistics.median(cost) * 1e3:.2f} ms: MLX is lazy, so the timed region must "
+        f"`mx.eval` the logits — {CHAPTER}"
+    )
+
+
+def test_task_1_runs_on_a_real_model(impl, llama_models):
+    t = impl.cost.time_forward(llama_models[1], 4, context_len=16, repeats=2)
+    assert isinstance(t, float) and 0 < t < 1.0, f"a tiny llama forward took {t!r} s?"
+
+
+def test_task_1_bad_arguments_raise(impl):
+    model = SleepyModel(a=0.0, b=0.0)
+    with pytest.raises(ValueError):
+        impl.cost.time_forward(model, 0)
+    with pytest.raises(ValueError):
+        impl.cost.time_forward(model, 2, repeats=0)
+
+
+# Task 2: verify_cost_curve ----------------------------------------------------------------------
+def test_task_2_curve_of_a_known_cost(impl, use_ref):
+    use_ref("cost.time_forward")
+    a, b = 10 * MS, 2 * MS  # t(k) = a + b k, so t(k) / t(1) = (a + b k) / (a + b)
+    model = SleepyModel(a=a, b=b)
+    curve = impl.cost.verify_cost_curve(model, [1, 2, 4, 8], context_len=6, repeats=5)
+    assert sorted(curve) == [1, 2, 4, 8], f"one entry per k in ks, got keys {sorted(curve)}"
+    assert curve[1] == pytest.approx(1.0, abs=1e-12), (
+        f"curve[1] = t(1) / t(1) is 1 by definition (measure t(1) once), got {curve[1]}"
+    )
+    for k in (2, 4, 8):
+        expected = (a + b * k) / (a + b)
+        # 25% slack: sleeps overshoot by a few ms on a busy machine; a wrong ratio is far off.
+        assert curve[k] == pytest.approx(expected, rel=0.25), (
+            f"for a forward costing {a * 1e3:.0f} ms + {b * 1e3:.0f} ms per token, curve[{k}] = "
+            f"t({k}) / t(1) = {expected:.2f}, got {curve[k]:.2f} — {CHAPTER}"
+        )
+
+
+def test_task_2_passes_context_and_repeats_on(impl, use_ref):
+    use_ref("cost.time_forward")
+    model = SleepyModel(a=1 * MS, b=1 * MS)
+    curve = impl.cost.verify_cost_curve(model, [3, 5], context_len=9, repeats=2)
+    assert sorted(curve) == [3, 5], (
+        f"ks = [3, 5] gives keys [3, 5] (t(1) is measured but not returned), got {sorted(curve)}"
+    )
+    for k in (1, 3, 5):
+        offsets = model.calls_of(k)
+        assert offsets and set(offsets) == {9}, (
+            f"time_forward({k}) must run with context_len=9: its calls saw offsets {offsets}"
+        )
+    assert len(model.calls_of(3)) == 3, (
+        f"repeats=2 means one warm-up and 2 timed calls of 3 tokens, got {len(model.calls_of(3))}"
+    )
