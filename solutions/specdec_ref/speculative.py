@@ -9,7 +9,7 @@ import time
 from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from specdec.kit.stats import SpecStats
 
@@ -27,15 +27,28 @@ def commit_round(decoder, draft_tokens: list[int], num_accepted: int, new_token:
     seen yet. Trim each cache by the right amount (never re-run a model).
     Returns the tokens the draft must be fed next round: [new_token], or
     [draft_tokens[-1], new_token] when all K were accepted (the draft never saw its last one).
+    Raises ValueError if a cache cannot be trimmed by the amount needed (for example a
+    sliding-window cache that has wrapped): continuing would silently corrupt the output.
     """
     K = len(draft_tokens)
     # The target scored all K drafts: drop the rejected ones.
-    trim_prompt_cache(decoder.target_cache, K - num_accepted)
+    _trim(decoder.target_cache, K - num_accepted, "target")
     if num_accepted == K:
         # The draft never fed its own last proposal: it is the first token of the next round.
         return [draft_tokens[-1], new_token]
-    trim_prompt_cache(decoder.draft_cache, K - 1 - num_accepted)
+    _trim(decoder.draft_cache, K - 1 - num_accepted, "draft")
     return [new_token]
+
+
+def _trim(cache: list, num_tokens: int, role: str) -> None:
+    """Trim every layer by num_tokens, or fail loudly: a half-rolled-back cache is a wrong answer."""
+    if num_tokens == 0 or not cache:
+        return
+    if not can_trim_prompt_cache(cache) or trim_prompt_cache(cache, num_tokens) != num_tokens:
+        raise ValueError(
+            f"the {role} cache cannot drop its last {num_tokens} tokens (a sliding-window cache "
+            "that has wrapped?): speculative decoding needs trimmable KV caches"
+        )
 
 
 def speculative_generate(

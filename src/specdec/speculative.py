@@ -26,6 +26,8 @@ def commit_round(decoder, draft_tokens: list[int], num_accepted: int, new_token:
     seen yet. Trim each cache by the right amount (never re-run a model).
     Returns the tokens the draft must be fed next round: [new_token], or
     [draft_tokens[-1], new_token] when all K were accepted (the draft never saw its last one).
+    Raises ValueError if a cache cannot be trimmed by the amount needed (for example a
+    sliding-window cache that has wrapped): continuing would silently corrupt the output.
     """
     raise NotImplementedError(
         "Week 2 Day 4 Task 1: commit_round — see book/src/week2-04-full-loop.md"
