@@ -1,0 +1,355 @@
+"""Week 2 Day 3 — speculative sampling: `residual_distribution` and `verify_speculation`.
+
+Book: book/src/week2-03-speculative-sampling.md. Grade one task with
+    pytest tests/test_week_2_day_3.py --impl student -k task_2
+
+How the statistical tests work. The target's rows p_0 .. p_K and the draft's rows q_0 .. q_(K-1)
+are fixed here (they do not depend on earlier tokens), and the drafts are sampled from q with
+explicit keys. Speculative sampling then promises exactly:
+  - the first emitted token is distributed as p_0, whatever q is;
+  - when the first draft was accepted (n >= 1), it is distributed as min(p_0, q_0) / alpha_0, and
+    the second emitted token is distributed as p_1, independently of the first;
+  - the bonus token (n = K) is distributed as p_K;
+  - the number of accepted drafts n has P(n >= i) = alpha_0 * ... * alpha_(i-1), where
+    alpha_i = sum_x min(p_i(x), q_i(x)) is the acceptance rate of position i.
+Each is checked with a seeded chi-square (or binomial) test that fails when its p-value is below
+P_MIN = 1e-4. False alarms: a correct implementation that uses its randomness differently from
+the reference fails a given check with probability 1e-4, so all checks of this file together
+(about 30) with probability < 0.5 %. Power: with N trials, an output distribution at total
+variation distance d from the truth gives a chi-square statistic of at least 4 N d^2 (about 40
+for N = 4000 and d = 0.05): such a bug fails. The negative controls below prove it on two classic
+mistakes.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from scipy.stats import binomtest, chisquare
+
+P_MIN = 1e-4  # chi-square / binomial p-value below which a check fails
+CHAPTER = "book/src/week2-03-speculative-sampling.md"
+
+# Earlier tasks this day builds on: always the reference's here (isolation).
+SAMPLING = (
+    "sampling.logits_to_probs",
+    "sampling.top_k_filter",
+    "sampling.top_p_filter",
+    "sampling.sample_token",
+    "sampling.make_probs",
+)
+EARLIER = (*SAMPLING, "verify.verify_greedy", "verify.residual_distribution")
+
+# A generic case, V = 6, K = 3: alpha = (0.70, 0.80, 0.75).
+P_GENERIC = [
+    [0.30, 0.25, 0.15, 0.12, 0.10, 0.08],
+    [0.05, 0.10, 0.40, 0.20, 0.15, 0.10],
+    [0.15, 0.15, 0.15, 0.15, 0.20, 0.20],
+    [0.40, 0.05, 0.05, 0.20, 0.10, 0.20],  # the bonus row p_K
+]
+Q_GENERIC = [
+    [0.10, 0.40, 0.25, 0.05, 0.15, 0.05],
+    [0.20, 0.10, 0.30, 0.10, 0.20, 0.10],
+    [0.30, 0.05, 0.10, 0.25, 0.10, 0.20],
+]
+
+
+def normalise(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / x.sum(axis=-1, keepdims=True)
+
+
+def chi2_pvalue(samples, probs):
+    """Chi-square p-value that `samples` (ints) were drawn from `probs` [V]; 0 if any sample
+    falls where probs == 0 (an impossible token)."""
+    probs = normalise(probs)
+    counts = np.bincount(np.asarray(samples, dtype=np.int64), minlength=probs.size).astype(np.float64)
+    if counts[probs == 0].sum() > 0:
+        return 0.0
+    expected = probs * counts.sum()
+    # Chi-square needs expected counts of about 5 or more: pool the rare tokens into one cell.
+    rare = (probs > 0) & (expected < 5)
+    common = (probs > 0) & ~rare
+    observed_cells = np.append(counts[common], counts[rare].sum())
+    expected_cells = np.append(expected[common], expected[rare].sum())
+    keep = expected_cells > 0
+    if keep.sum() < 2:  # one possible outcome: nothing to test beyond the support check
+        return 1.0
+    return chisquare(observed_cells[keep], expected_cells[keep]).pvalue
+
+
+def assert_distributed(samples, probs, what):
+    pvalue = chi2_pvalue(samples, probs)
+    observed = np.bincount(np.asarray(samples, dtype=np.int64), minlength=len(probs)) / max(len(samples), 1)
+    assert pvalue > P_MIN, (
+        f"{what} should be distributed as {np.round(normalise(probs), 3)}; observed frequencies "
+        f"{np.round(observed, 3)} over {len(samples)} samples (chi-square p-value {pvalue:.2g} < "
+        f"{P_MIN}). See the proof in {CHAPTER}"
+    )
+
+
+def sample_drafts(q_rows, trials, key):
+    """Draft tokens [trials, K]: row t, column i drawn from q_rows[i] (independent keys)."""
+    log_q = mx.log(mx.array(np.asarray(q_rows, dtype=np.float32)))
+    K, Vq = log_q.shape
+    drafts = mx.random.categorical(mx.broadcast_to(log_q, (trials, K, Vq)), key=key)
+    return np.array(drafts.astype(mx.int32))
+
+
+def run_rounds(verify, target_logits, q_rows, trials, seed, temperature=1.0):
+    """`trials` independent rounds: drafts from q, one verify call each with its own key.
+
+    Returns (drafts [trials, K] numpy, list of (n, tokens)).
+    """
+    key_draft, key_verify = mx.random.split(mx.random.key(seed))
+    drafts = sample_drafts(q_rows, trials, key_draft)
+    draft_rows = mx.array(drafts)
+    q_draft = mx.array(np.asarray(q_rows, dtype=np.float32))
+    keys = mx.random.split(key_verify, trials)
+    outcomes = [verify(draft_rows[t], target_logits, q_draft, temperature, keys[t]) for t in range(trials)]
+    K = drafts.shape[1]
+    for t in (0, trials - 1):  # the contract, checked on a couple of rounds
+        n, tokens = outcomes[t]
+        assert type(n) is int and 0 <= n <= K and len(tokens) == n + 1, (
+            f"verify_speculation returns (n, tokens) with n in [0, {K}] and n + 1 tokens, got {outcomes[t]}"
+        )
+        assert all(type(x) is int for x in tokens), "tokens must be python ints"
+    for (n, tokens), row in zip(outcomes, drafts):
+        assert tokens[:n] == row[:n].tolist(), (
+            f"the first n = {n} emitted tokens must be the accepted drafts {row[:n].tolist()}, got {tokens}"
+        )
+    return drafts, outcomes
+
+
+def log_probs(p_rows):
+    """Target logits whose softmax (T = 1) is p_rows; impossible tokens get -inf."""
+    with np.errstate(divide="ignore"):
+        return mx.array(np.log(np.asarray(p_rows, dtype=np.float32)))
+
+
+def acceptance(p, q):
+    return float(np.minimum(normalise(p), normalise(q)).sum())
+
+
+def check_speculative_distribution(outcomes, p_rows, q_rows, check_second=True):
+    """The exact laws listed in the module docstring, for the rounds in `outcomes`."""
+    p_rows, q_rows = normalise(p_rows), normalise(q_rows)
+    K = len(q_rows)
+    n = np.array([o[0] for o in outcomes])
+    firsts = np.array([o[1][0] for o in outcomes])
+    assert_distributed(firsts, p_rows[0], "the first emitted token (accepted draft or correction)")
+
+    alpha_0 = acceptance(p_rows[0], q_rows[0])
+    accepted_0 = int((n >= 1).sum())
+    binomial = binomtest(accepted_0, len(n), alpha_0).pvalue
+    assert binomial > P_MIN, (
+        f"the first draft should be accepted with probability sum_x min(p, q) = {alpha_0:.3f}; "
+        f"observed {accepted_0 / len(n):.3f} over {len(n)} rounds (binomial p-value {binomial:.2g})"
+    )
+    if accepted_0:
+        assert_distributed(
+            firsts[n >= 1], np.minimum(p_rows[0], q_rows[0]), "an accepted first draft"
+        )
+    if check_second and K >= 2:
+        seconds = np.array([o[1][1] for o in outcomes if o[0] >= 1])
+        assert_distributed(seconds, p_rows[1], "the second emitted token, when the first was a draft")
+    # n: P(n = i) = alpha_0 ... alpha_(i-1) * (1 - alpha_i), P(n = K) = alpha_0 ... alpha_(K-1).
+    alphas = [acceptance(p_rows[i], q_rows[i]) for i in range(K)]
+    reach = np.cumprod([1.0] + alphas)  # P(n >= i), i = 0 .. K
+    law_n = np.append(reach[:-1] * (1 - np.array(alphas)), reach[-1])
+    assert_distributed(n, law_n, "the number of accepted drafts n")
+    bonus = [o[1][-1] for o in outcomes if o[0] == K]
+    if len(bonus) >= 200:
+        assert_distributed(bonus, p_rows[K], "the bonus token (all K drafts accepted)")
+
+
+# Task 1: residual_distribution -------------------------------------------------------------------
+def test_task_1_residual_small_example(impl):
+    p = mx.array([0.5, 0.3, 0.2, 0.0])
+    q = mx.array([0.2, 0.5, 0.1, 0.2])
+    got = impl.verify.residual_distribution(p, q)
+    # max(0, p - q) = [0.3, 0, 0.1, 0], mass 0.4.
+    assert got.dtype == mx.float32 and got.shape == (4,), f"expected float32 [4], got {got.dtype} {got.shape}"
+    assert np.allclose(np.array(got), [0.75, 0.0, 0.25, 0.0], atol=1e-6), (
+        f"normalise(max(0, p - q)) for p={p.tolist()}, q={q.tolist()} is [0.75, 0, 0.25, 0], got "
+        f"{np.round(np.array(got), 4).tolist()}"
+    )
+    # A one-hot q (a greedy draft): p with the drafted token removed, renormalised.
+    got = impl.verify.residual_distribution(p, mx.array([0.0, 1.0, 0.0, 0.0]))
+    assert np.allclose(np.array(got), [0.5 / 0.7, 0.0, 0.2 / 0.7, 0.0], atol=1e-6), (
+        f"with a one-hot q at token 1 the residual is p without token 1, renormalised; got {np.array(got)}"
+    )
+    # Disjoint supports: nothing to subtract, the residual is p itself.
+    got = impl.verify.residual_distribution(mx.array([0.5, 0.5, 0, 0]), mx.array([0, 0, 0.3, 0.7]))
+    assert np.allclose(np.array(got), [0.5, 0.5, 0, 0], atol=1e-6), f"disjoint q: expected p, got {np.array(got)}"
+
+
+def test_task_1_residual_of_identical_rows_is_p(impl):
+    p = mx.array([0.1, 0.6, 0.3])
+    got = np.array(impl.verify.residual_distribution(p, p))
+    assert np.all(np.isfinite(got)) and np.allclose(got, np.array(p), atol=1e-7), (
+        f"when p == q the residual max(0, p - q) is all zero; return p instead of dividing by "
+        f"zero (a rejection cannot happen there). Got {got}"
+    )
+
+
+def test_task_1_residual_batched_rows(impl):
+    rng = np.random.default_rng(3)
+    p = rng.dirichlet(np.ones(7), size=(2, 3)).astype(np.float32)
+    q = rng.dirichlet(np.ones(7), size=(2, 3)).astype(np.float32)
+    q[1, 2] = p[1, 2]  # one row with p == q inside the batch
+    got = impl.verify.residual_distribution(mx.array(p), mx.array(q))
+    assert got.shape == (2, 3, 7) and got.dtype == mx.float32, f"expected float32 [2, 3, 7], got {got.dtype} {got.shape}"
+    got = np.array(got)
+    residual = np.maximum(p.astype(np.float64) - q, 0)
+    expected = residual / np.where(residual.sum(-1, keepdims=True) > 0, residual.sum(-1, keepdims=True), 1)
+    expected[1, 2] = p[1, 2]
+    assert np.all(np.isfinite(got)), "no NaN or inf: guard the rows where p == q"
+    assert np.allclose(got.sum(-1), 1.0, atol=1e-5), f"every row must sum to 1 (last axis), sums {got.sum(-1)}"
+    assert np.allclose(got, expected, atol=1e-5), (
+        "residual_distribution works row by row on [..., V]: normalise(max(0, p - q)) over the last "
+        "axis, and p for the rows where p == q"
+    )
+
+
+# Task 2: verify_speculation ----------------------------------------------------------------------
+def test_task_2_output_is_distributed_as_the_target(impl, use_ref):
+    use_ref(*EARLIER)
+    _, outcomes = run_rounds(impl.verify.verify_speculation, log_probs(P_GENERIC), Q_GENERIC, 4000, seed=1)
+    check_speculative_distribution(outcomes, P_GENERIC, Q_GENERIC)
+    # The first two tokens of rounds that accepted the first draft, jointly:
+    # P(x1 = a, x2 = b | n >= 1) = min(p_0, q_0)(a) / alpha_0 * p_1(b) — 36 cells.
+    p, q = normalise(P_GENERIC), normalise(Q_GENERIC)
+    pairs = [o[1][0] * 6 + o[1][1] for o in outcomes if o[0] >= 1]
+    joint = np.outer(np.minimum(p[0], q[0]), p[1]).reshape(-1)
+    assert_distributed(pairs, joint, "the pair (first, second) emitted tokens when the first was a draft")
+
+
+def test_negative_controls_show_the_statistics_can_fail():
+    """Two classic mistakes, written inline, fail the first-token check of the test above.
+
+    This proves the statistic has power: with the same drafts and N, a verifier that accepts
+    every draft (emits q_0, total variation 0.30 from p_0) or that resamples from p instead of the
+    residual after a rejection (emits min(p, q) + (1 - alpha) p, total variation 0.15 from p_0)
+    gets a p-value far below P_MIN.
+    """
+    p, q = normalise(P_GENERIC), normalise(Q_GENERIC)
+    drafts = sample_drafts(Q_GENERIC, 4000, mx.random.key(1))[:, 0]
+    rng = np.random.default_rng(0)
+
+    accept_always = drafts
+    accepted = rng.uniform(size=drafts.size) < np.minimum(1.0, p[0][drafts] / q[0][drafts])
+    resampled_from_p = rng.choice(6, size=drafts.size, p=p[0])
+    wrong_residual = np.where(accepted, drafts, resampled_from_p)
+    for name, firsts in (("accept always", accept_always), ("resample from p", wrong_residual)):
+        pvalue = chi2_pvalue(firsts, p[0])
+        assert pvalue < 1e-12, f"the negative control '{name}' should fail clearly, p-value {pvalue:.2g}"
+    # And the right rule, on the same drafts and uniforms, passes.
+    residual = np.maximum(p[0] - q[0], 0) / np.maximum(p[0] - q[0], 0).sum()
+    correct = np.where(accepted, drafts, rng.choice(6, size=drafts.size, p=residual))
+    assert chi2_pvalue(correct, p[0]) > P_MIN
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_task_2_identical_draft_is_always_accepted(impl, use_ref, ref, temperature):
+    """q = p: min(1, p/q) = 1, every draft is accepted and only the bonus is sampled from p.
+
+    q is made exactly as verification must make p: make_probs(target_logits, T). A verifier that
+    applied another temperature to the target would see p != q and reject some drafts.
+    """
+    use_ref(*EARLIER)
+    rng = np.random.default_rng(7)
+    target_logits = mx.array(rng.normal(size=(4, 6)).astype(np.float32))
+    q_draft = ref.sampling.make_probs(target_logits[:3], temperature)
+    _, outcomes = run_rounds(impl.verify.verify_speculation, target_logits, np.array(q_draft), 300, 5, temperature)
+    n = np.array([o[0] for o in outcomes])
+    assert np.all(n == 3), (
+        f"when the draft's q equals the target's p = make_probs(target_logits, T={temperature}), "
+        f"every draft must be accepted; {int((n < 3).sum())} of 300 rounds rejected one. Is the "
+        "temperature applied to the target logits?"
+    )
+    p_bonus = np.array(ref.sampling.make_probs(target_logits[3], temperature))
+    assert_distributed([o[1][-1] for o in outcomes], p_bonus, "the bonus token")
+
+
+def test_task_2_draft_support_is_a_strict_subset(impl, use_ref):
+    """q is 0 on tokens the target likes, and positive on a token the target never emits."""
+    use_ref(*EARLIER)
+    p_rows = [[0.25, 0.20, 0.20, 0.15, 0.20, 0.00], [0.10, 0.30, 0.20, 0.00, 0.20, 0.20]]
+    q_rows = [[0.50, 0.00, 0.30, 0.00, 0.00, 0.20]]  # never proposes 1, 3, 4; proposes 5 (p = 0)
+    _, outcomes = run_rounds(impl.verify.verify_speculation, log_probs(p_rows), q_rows, 3000, seed=2)
+    check_speculative_distribution(outcomes, p_rows, q_rows)
+
+
+def test_task_2_disjoint_supports_reject_everything(impl, use_ref):
+    """q and p share no token: acceptance 0, yet every emitted token is distributed as p."""
+    use_ref(*EARLIER)
+    p_rows = [[0.5, 0.3, 0.2, 0, 0, 0], [0.2, 0.2, 0.6, 0, 0, 0], [0.3, 0.3, 0.4, 0, 0, 0]]
+    q_rows = [[0, 0, 0, 0.2, 0.3, 0.5], [0, 0, 0, 0.6, 0.2, 0.2]]
+    _, outcomes = run_rounds(impl.verify.verify_speculation, log_probs(p_rows), q_rows, 2000, seed=3)
+    n = np.array([o[0] for o in outcomes])
+    assert np.all(n == 0), (
+        "a draft token the target gives probability 0 must always be rejected (p/q = 0); "
+        f"{int((n > 0).sum())} rounds accepted one"
+    )
+    assert_distributed([o[1][0] for o in outcomes], p_rows[0], "the correction token (residual = p)")
+
+
+def test_task_2_near_deterministic_draft(impl, use_ref):
+    """The draft puts 0.97 on token 2, which the target gives only 0.15."""
+    use_ref(*EARLIER)
+    p_rows = [[0.20, 0.10, 0.15, 0.25, 0.10, 0.20], [0.10, 0.15, 0.30, 0.15, 0.10, 0.20],
+              [0.30, 0.10, 0.10, 0.20, 0.10, 0.20]]
+    q_rows = [[0.006, 0.006, 0.97, 0.006, 0.006, 0.006], [0.01, 0.01, 0.01, 0.95, 0.01, 0.01]]
+    _, outcomes = run_rounds(impl.verify.verify_speculation, log_probs(p_rows), q_rows, 3000, seed=4)
+    check_speculative_distribution(outcomes, p_rows, q_rows)
+
+
+def test_task_2_temperature_is_applied_to_the_target(impl, use_ref, ref):
+    """At T = 0.5 the emitted tokens follow make_probs(target_logits, 0.5), not softmax(logits)."""
+    use_ref(*EARLIER)
+    temperature = 0.5
+    rng = np.random.default_rng(11)
+    target_logits = mx.array(rng.normal(size=(3, 6)).astype(np.float32))
+    q_rows = np.array(ref.sampling.make_probs(mx.array(rng.normal(size=(2, 6)).astype(np.float32)), temperature))
+    p_rows = np.array(ref.sampling.make_probs(target_logits, temperature))
+    p_at_one = np.array(ref.sampling.make_probs(target_logits[0], 1.0))
+    assert 0.5 * np.abs(p_rows[0] - p_at_one).sum() > 0.1  # the premise: T visibly matters here
+    _, outcomes = run_rounds(
+        impl.verify.verify_speculation, target_logits, q_rows, 2000, seed=6, temperature=temperature
+    )
+    check_speculative_distribution(outcomes, p_rows, q_rows)
+
+
+def test_task_2_temperature_zero_is_greedy_verification(impl, use_ref, ref):
+    use_ref(*EARLIER)
+    rng = np.random.default_rng(12)
+    for K in (1, 3, 6):
+        for trial in range(4):
+            target_logits = mx.array(rng.normal(size=(K + 1, 8)).astype(np.float32))
+            choices = np.argmax(np.array(target_logits), axis=-1)
+            # Agree with the target for a random number of drafts, then disagree.
+            drafts = choices[:K].copy()
+            cut = int(rng.integers(0, K + 1))
+            drafts[cut:] = (drafts[cut:] + 1) % 8
+            q_draft = mx.array(np.eye(8, dtype=np.float32)[drafts])  # a greedy draft's one-hot q
+            expected = ref.verify.verify_greedy(mx.array(drafts), target_logits)
+            for key in (None, mx.random.key(trial)):
+                got = impl.verify.verify_speculation(mx.array(drafts), target_logits, q_draft, 0.0, key)
+                assert got == expected, (
+                    f"at temperature 0 verify_speculation must agree with verify_greedy: expected "
+                    f"{expected}, got {got} (K={K}, key={'None' if key is None else 'given'})"
+                )
+
+
+def test_task_2_randomness_comes_from_the_key(impl, use_ref):
+    use_ref(*EARLIER)
+    target_logits, q_draft = log_probs(P_GENERIC), mx.array(np.asarray(Q_GENERIC, dtype=np.float32))
+    drafts = mx.array([1, 2, 0])
+    with pytest.raises(ValueError):  # sampling without a key would use hidden global state
+        impl.verify.verify_speculation(drafts, target_logits, q_draft, 1.0, None)
+    results = [impl.verify.verify_speculation(drafts, target_logits, q_draft, 1.0, mx.random.key(s)) for s in range(20)]
+    again = [impl.verify.verify_speculation(drafts, target_logits, q_draft, 1.0, mx.random.key(s)) for s in range(20)]
+    assert results == again, "the same key must give the same (n, tokens): all randomness comes from `key`"
+    assert len(set((n, tuple(t)) for n, t in results)) > 1, (
+        f"20 different keys all gave {results[0]}: the accept test and the resampling must use the key"
+    )
