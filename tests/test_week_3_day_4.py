@@ -1,0 +1,405 @@
+"""Week 3 Day 4 — token trees: the tree mask (task 1), one tree call (task 2), growing a draft
+tree (task 3), greedy tree verification (task 4), keeping the accepted path in the cache
+(task 5) and the whole loop (task 6).
+
+Book: book/src/week3-04-token-trees.md. Grade with
+    pytest tests/test_week_3_day_4.py --impl student -k task_2
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+
+from specdec.kit.models import tiny_llama, tiny_llama_pair
+from specdec.kit.stats import SpecStats
+
+BOOK = "see book/src/week3-04-token-trees.md"
+PROMPT = [3, 9, 2, 7, 11, 4]
+
+# The example tree of the chapter: root -> {a, b}; a -> {c, d}; b -> {e}; c -> {f}.
+#                   a  b  c  d  e  f
+EXAMPLE_PARENTS = [-1, -1, 0, 0, 1, 2]
+EXAMPLE_TOKENS = [10, 20, 30, 40, 50, 60]
+
+
+class CallCounter:
+    """A model that counts its forward calls; everything else is the wrapped model's."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def path_to(node, parents):
+    """Node indices from the root's child down to `node`."""
+    path = []
+    while node != -1:
+        path.append(node)
+        node = parents[node]
+    return path[::-1]
+
+
+def last_logits(model, tokens):
+    """Logits after `tokens`, from a plain forward with no cache: the ground truth."""
+    return model(mx.array(tokens)[None])[0, -1]
+
+
+def plain_greedy(model, prompt, max_tokens):
+    argmax = lambda logprobs: mx.argmax(logprobs, axis=-1)  # noqa: E731
+    steps = generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=argmax)
+    return [int(token) for token, _ in steps]
+
+
+def prefilled(model, tokens):
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array(tokens)[None], cache=cache))
+    return cache
+
+
+# Task 1 ------------------------------------------------------------------------------------------
+def test_task_1_tree_attention_mask(impl):
+    mask = impl.tree.tree_attention_mask(EXAMPLE_PARENTS)
+    expected = np.array(
+        [  # a  b  c  d  e  f      (row: the node that reads; column: what it may see)
+            [1, 0, 0, 0, 0, 0],  # a
+            [0, 1, 0, 0, 0, 0],  # b
+            [1, 0, 1, 0, 0, 0],  # c
+            [1, 0, 0, 1, 0, 0],  # d
+            [0, 1, 0, 0, 1, 0],  # e
+            [1, 0, 1, 0, 0, 1],  # f
+        ],
+        dtype=bool,
+    )
+    assert mask.dtype == mx.bool_ and mask.shape == (6, 6), (
+        f"the mask must be bool [N, N], got {mask.dtype} {mask.shape}; {BOOK}"
+    )
+    assert (np.array(mask) == expected).all(), (
+        f"mask[j, i] must be True exactly when node i is node j or one of its ancestors "
+        f"(never a sibling or cousin); got\n{np.array(mask).astype(int)}\nexpected\n"
+        f"{expected.astype(int)}; {BOOK}"
+    )
+    chain = np.array(impl.tree.tree_attention_mask([-1, 0, 1, 2]))
+    assert (chain == np.tril(np.ones((4, 4), bool))).all(), (
+        "a chain (parents [-1, 0, 1, 2]) is ordinary text: its tree mask is the causal mask"
+    )
+    star = np.array(impl.tree.tree_attention_mask([-1, -1, -1]))
+    assert (star == np.eye(3, dtype=bool)).all(), "siblings must not see each other"
+    with pytest.raises(ValueError):
+        impl.tree.tree_attention_mask([-1, 2, 0])  # a child listed before its parent
+    with pytest.raises(ValueError):
+        impl.tree.tree_attention_mask([0])  # a node that is its own parent
+
+
+def test_task_1_tree_depths(impl):
+    depths = impl.tree.tree_depths(EXAMPLE_PARENTS)
+    assert list(depths) == [1, 1, 2, 2, 2, 3], (
+        f"the root's children have depth 1 and every child one more than its parent; got "
+        f"{list(depths)}; {BOOK}"
+    )
+    assert list(impl.tree.tree_depths([-1, 0, 1])) == [1, 2, 3]
+    with pytest.raises(ValueError):
+        impl.tree.tree_depths([-1, 5])
+
+
+# Task 2 ------------------------------------------------------------------------------------------
+TASK_1 = ("tree.tree_attention_mask", "tree.tree_depths")
+
+
+def test_task_2_tree_logits_equal_path_forwards(impl, use_ref, llama_models):
+    use_ref(*TASK_1)
+    _, target = llama_models
+    cache = prefilled(target, PROMPT)
+    ropes = [layer.self_attn.rope for layer in target.layers]
+    logits = impl.tree.tree_forward(target, cache, EXAMPLE_TOKENS, EXAMPLE_PARENTS)
+    assert logits.shape == (6, 64), f"one row of logits per tree node, [N, V]; got {logits.shape}"
+    for j in range(len(EXAMPLE_TOKENS)):
+        path_tokens = [EXAMPLE_TOKENS[i] for i in path_to(j, EXAMPLE_PARENTS)]
+        expected = last_logits(target, PROMPT + path_tokens)
+        assert mx.allclose(logits[j], expected, atol=1e-4), (
+            f"node {j} (path {path_tokens}): the tree call's logits differ from a plain forward "
+            f"of prompt + path (max diff {mx.abs(logits[j] - expected).max().item():.2e}). Each "
+            "node must see the prefix and its ancestors only (the tree mask), and be rotated at "
+            f"position prefix_len + depth - 1 (its siblings share it); {BOOK}"
+        )
+    assert [c.offset for c in cache] == [len(PROMPT) + 6] * len(cache), (
+        "after a tree call every cache layer holds the prefix + all N nodes"
+    )
+    assert all(layer.self_attn.rope is rope for layer, rope in zip(target.layers, ropes)), (
+        "tree_forward must put every layer's original rope module back when it is done"
+    )
+    fresh = prefilled(target, PROMPT)
+    after = target(mx.array([8])[None], cache=fresh)[0, -1]
+    assert mx.allclose(after, last_logits(target, PROMPT + [8]), atol=1e-5), (
+        "after tree_forward the model must be its plain self again: a normal call must give "
+        "normal logits"
+    )
+
+
+def test_task_2_first_call_prefills_a_chain_with_the_tree(impl, use_ref, llama_models):
+    """The first round feeds the prompt (a chain) and the tree in one call, on an empty cache."""
+    use_ref(*TASK_1)
+    _, target = llama_models
+    P = len(PROMPT)
+    parents = list(range(-1, P - 1)) + [P - 1 if p == -1 else p + P for p in EXAMPLE_PARENTS]
+    cache = make_prompt_cache(target)
+    logits = impl.tree.tree_forward(target, cache, PROMPT + EXAMPLE_TOKENS, parents)
+    assert logits.shape == (P + 6, 64), f"expected [{P + 6}, 64] logits, got {logits.shape}"
+    plain = target(mx.array(PROMPT)[None])[0]
+    assert mx.allclose(logits[:P], plain, atol=1e-4), (
+        "a chain (parents -1, 0, 1, ...) fed by tree_forward must give a plain forward's logits"
+    )
+    for j in (0, 3, 5):
+        path_tokens = [EXAMPLE_TOKENS[i] for i in path_to(j, EXAMPLE_PARENTS)]
+        expected = last_logits(target, PROMPT + path_tokens)
+        assert mx.allclose(logits[P + j], expected, atol=1e-4), (
+            f"node {j}: wrong logits when the prompt and the tree share one call on an empty "
+            f"cache (positions start at 0 then); {BOOK}"
+        )
+
+
+class Unrotatable(nn.Module):
+    """A positional module tree_forward cannot know how to place per token."""
+
+    def __call__(self, x, offset=0):
+        return x
+
+
+class Boom(nn.Module):
+    def __call__(self, x):
+        raise RuntimeError("boom")
+
+
+def test_task_2_refuses_unknown_rope_and_restores_on_error(impl, use_ref):
+    use_ref(*TASK_1)
+    model = tiny_llama(seed=5)
+    model.layers[0].self_attn.rope = Unrotatable()
+    with pytest.raises(ValueError):
+        impl.tree.tree_forward(model, make_prompt_cache(model), [1, 2], [-1, -1])
+
+    model = tiny_llama(seed=5)
+    ropes = [layer.self_attn.rope for layer in model.layers]
+    model.layers[1].mlp = Boom()
+    with pytest.raises(RuntimeError, match="boom"):
+        impl.tree.tree_forward(model, make_prompt_cache(model), [1, 2], [-1, -1])
+    assert all(layer.self_attn.rope is rope for layer, rope in zip(model.layers, ropes)), (
+        "when the model raises inside a tree call, the original ropes must still be put back "
+        "(try/finally)"
+    )
+
+
+# Task 3 ------------------------------------------------------------------------------------------
+TASK_2 = TASK_1 + ("tree.tree_forward",)
+
+
+def brute_force_tree(model, prefix, widths):
+    """The expected tree: top-w children of each node from plain forwards, level by level."""
+    tokens, parents, level = [], [], [-1]
+    for width in widths:
+        next_level = []
+        for node in level:
+            path_tokens = [tokens[i] for i in path_to(node, parents)] if node >= 0 else []
+            ranked = mx.argsort(-last_logits(model, prefix + path_tokens)).tolist()
+            for token in ranked[:width]:
+                next_level.append(len(tokens))
+                tokens.append(token)
+                parents.append(node)
+        level = next_level
+    return tokens, parents
+
+
+@pytest.mark.parametrize("widths", [[2, 2, 1], [3, 1], [1, 1, 1]])
+def test_task_3_build_draft_tree(impl, use_ref, llama_models, widths):
+    use_ref(*TASK_2)
+    draft, _ = llama_models
+    seen, unseen = PROMPT[:4], PROMPT[4:]
+    cache = prefilled(draft, seen)
+    counter = CallCounter(draft)
+    tokens, parents = impl.tree.build_draft_tree(counter, cache, unseen, widths)
+    expected_tokens, expected_parents = brute_force_tree(draft, PROMPT, widths)
+    assert (list(tokens), list(parents)) == (expected_tokens, expected_parents), (
+        f"widths {widths}: expected the tree (tokens, parents) = {expected_tokens}, "
+        f"{expected_parents}, got {list(tokens)}, {list(parents)}. Each node at level d gets "
+        "the draft's top widths[d] tokens after the path to it, most likely first, flattened "
+        f"level by level; {BOOK}"
+    )
+    assert counter.calls == len(widths), (
+        f"one draft call per level: expected {len(widths)} calls, got {counter.calls}"
+    )
+    assert [c.offset for c in cache] == [len(PROMPT)] * len(cache), (
+        "afterwards the draft cache holds what it held + the unseen tokens: trim the tree away"
+    )
+    after = draft(mx.array([8])[None], cache=cache)[0, -1]
+    assert mx.allclose(after, last_logits(draft, PROMPT + [8]), atol=1e-4), (
+        "the draft cache's contents are wrong after build_draft_tree (a tree node left behind?)"
+    )
+
+
+def test_task_3_rejects_bad_inputs(impl, use_ref, llama_models):
+    use_ref(*TASK_2)
+    draft, _ = llama_models
+    with pytest.raises(ValueError):
+        impl.tree.build_draft_tree(draft, make_prompt_cache(draft), [], [2, 1])
+    with pytest.raises(ValueError):
+        impl.tree.build_draft_tree(draft, make_prompt_cache(draft), [1, 2], [2, 0])
+
+
+# Task 4 ------------------------------------------------------------------------------------------
+def logits_choosing(choices, V=100):
+    """Rows of logits whose argmax are `choices`: row 0 the root, rows 1..6 nodes a..f."""
+    rows = np.zeros((len(choices), V), np.float32)
+    rows[np.arange(len(choices)), choices] = 5.0
+    return mx.array(rows)
+
+
+@pytest.mark.parametrize(
+    "choices, path, new_tokens",
+    [
+        # root -> a (10) -> c (30) -> f (60) -> bonus 7: the deepest leaf, all accepted
+        ([10, 30, 99, 60, 99, 99, 7], [0, 2, 5], [10, 30, 60, 7]),
+        # root -> b (20) -> e (50) -> bonus 8
+        ([20, 99, 50, 99, 99, 8, 99], [1, 4], [20, 50, 8]),
+        # root -> a -> d (40), then the target wants 9: d is a leaf, 9 is the bonus
+        ([10, 40, 99, 99, 9, 99, 99], [0, 3], [10, 40, 9]),
+        # the target wants 50 at the root: e's token, but e is not a child of the root
+        ([50, 99, 99, 99, 99, 99, 99], [], [50]),
+        # a accepted, then 60 (f's token, a grandchild of a, not a child): correction 60
+        ([10, 60, 99, 99, 99, 99, 99], [0], [10, 60]),
+    ],
+)
+def test_task_4_verify_tree_greedy(impl, choices, path, new_tokens):
+    got_path, got_tokens = impl.tree.verify_tree_greedy(
+        EXAMPLE_TOKENS, EXAMPLE_PARENTS, logits_choosing(choices)
+    )
+    assert (list(got_path), list(got_tokens)) == (path, new_tokens), (
+        f"target argmax per row (root first) {choices}: expected path {path} and tokens "
+        f"{new_tokens}, got {list(got_path)} and {list(got_tokens)}. Walk down from the root, "
+        "stepping into the child whose token is the target's argmax at the current node; stop "
+        f"when no child matches and append that argmax; {BOOK}"
+    )
+
+
+# Task 5 ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", [[0, 2, 5], [1, 4], [0, 3], [], [1]])
+def test_task_5_commit_tree_path(impl, use_ref, llama_models, path):
+    use_ref(*TASK_2)
+    _, target = llama_models
+    cache = prefilled(target, PROMPT)
+    mx.eval(impl.tree.tree_forward(target, cache, EXAMPLE_TOKENS, EXAMPLE_PARENTS))
+    impl.tree.commit_tree_path(cache, len(EXAMPLE_TOKENS), path)
+    committed = PROMPT + [EXAMPLE_TOKENS[i] for i in path]
+    assert [c.offset for c in cache] == [len(committed)] * len(cache), (
+        f"path {path}: every layer must hold prefix + path = {len(committed)} entries, got "
+        f"{[c.offset for c in cache]}"
+    )
+    fresh = prefilled(target, committed)
+    for layer, (c, f) in enumerate(zip(cache, fresh)):
+        keys, fresh_keys = c.keys[..., : c.offset, :], f.keys[..., : f.offset, :]
+        assert mx.allclose(keys, fresh_keys, atol=1e-4), (
+            f"layer {layer}: the kept keys are not those of prefix + path in order; move each "
+            f"path node's entry (at prefix_len + node) to follow the prefix; {BOOK}"
+        )
+    next_logits = target(mx.array([8])[None], cache=cache)[0, -1]
+    assert mx.allclose(next_logits, last_logits(target, committed + [8]), atol=1e-4), (
+        f"path {path}: the next token's logits must equal a fresh prefill of the committed tokens"
+    )
+
+
+def test_task_5_rejects_a_short_cache(impl, use_ref, llama_models):
+    use_ref(*TASK_2)
+    _, target = llama_models
+    cache = prefilled(target, [1, 2, 3])
+    with pytest.raises(ValueError):
+        impl.tree.commit_tree_path(cache, 5, [0])
+
+
+# Task 6 ------------------------------------------------------------------------------------------
+TASK_5 = TASK_2 + ("tree.build_draft_tree", "tree.verify_tree_greedy", "tree.commit_tree_path")
+
+
+@pytest.mark.parametrize("branching, depth", [(1, 3), (2, 2), (2, 4), (3, 3)])
+@pytest.mark.parametrize("prompt", [[5], PROMPT])
+def test_task_6_greedy_exactness(impl, use_ref, llama_models, branching, depth, prompt):
+    use_ref(*TASK_5)
+    draft, target = llama_models
+    expected = plain_greedy(target, prompt, 20)
+    for max_tokens in (1, 6, 20):
+        got = impl.tree.tree_speculative_generate(
+            draft, target, prompt, max_tokens, branching=branching, depth=depth
+        )
+        got = [token for token, _ in got]
+        assert got == expected[:max_tokens], (
+            f"branching={branching}, depth={depth}, prompt {prompt}, max_tokens={max_tokens}: "
+            f"tree decoding must reproduce the target's greedy output exactly.\n  expected "
+            f"{expected[:max_tokens]}\n  got      {got}\nA wrong token after the first round "
+            f"usually means the target cache kept the wrong entries (commit_tree_path); {BOOK}"
+        )
+
+
+def test_task_6_eos_and_stats(impl, use_ref, llama_models):
+    use_ref(*TASK_5)
+    draft, target = llama_models
+    expected = plain_greedy(target, PROMPT, 30)
+    eos = expected[9]
+    expected = expected[: expected.index(eos) + 1]
+    counter, stats = CallCounter(target), SpecStats()
+    out = list(
+        impl.tree.tree_speculative_generate(
+            draft, counter, PROMPT, 30, eos_token_ids=[eos], stats=stats, branching=2, depth=3
+        )
+    )
+    assert [t for t, _ in out] == expected, (
+        f"stop right after the first EOS ({eos}): expected {expected}, got {[t for t, _ in out]}"
+    )
+    assert stats.rounds == counter.calls, (
+        f"one target call per round: {counter.calls} target calls, {stats.rounds} rounds recorded"
+    )
+    assert stats.emitted == len(out), (
+        f"stats.emitted counts the yielded tokens: {len(out)} yielded, got {stats.as_dict()}"
+    )
+    assert stats.accepted >= sum(d for _, d in out) > 0, (
+        "stats.accepted counts the accepted path lengths (at least the from_draft=True tokens "
+        f"yielded; EOS may cut a path); got {stats.as_dict()}"
+    )
+    assert stats.rounds < len(out), "with a decent draft some rounds must emit more than one token"
+
+
+def test_task_6_tree_beats_chain(impl, use_ref, ref):
+    """Same depth, same number of draft calls: the tree's extra candidates raise tokens per call."""
+    use_ref(*TASK_5)
+    draft, target = tiny_llama_pair(seed=0, noise=0.2)
+    prompts = [[5], PROMPT, [60, 1, 33]]
+    per_call = {}
+    for branching in (1, 2):
+        stats = SpecStats()
+        for prompt in prompts:
+            for _ in impl.tree.tree_speculative_generate(
+                draft, target, prompt, 24, stats=stats, branching=branching, depth=4
+            ):
+                pass
+        per_call[branching] = stats.tokens_per_round
+    # branching=1 is Week 2's greedy chain: same rounds as speculative_generate with K = depth.
+    chain_stats = SpecStats()
+    decoder = ref.draft.SpeculativeDecoder(draft, target, lookahead=4)
+    for prompt in prompts:
+        chain = ref.speculative.speculative_generate(decoder, prompt, 24, stats=chain_stats)
+        for _ in chain:
+            pass
+    assert per_call[1] == pytest.approx(chain_stats.tokens_per_round), (
+        f"branching=1 must be Week 2's chain: {per_call[1]:.3f} tokens per target call, the "
+        f"chain gets {chain_stats.tokens_per_round:.3f}"
+    )
+    assert per_call[2] > per_call[1], (
+        f"a branching tree should accept more per target call than a chain of the same depth: "
+        f"tree {per_call[2]:.2f}, chain {per_call[1]:.2f} tokens per call; {BOOK}"
+    )
