@@ -22,9 +22,11 @@ def commit_round(decoder, draft_tokens: list[int], num_accepted: int, new_token:
     Before the call (K = len(draft_tokens), S = the committed sequence before this round):
       - the target cache holds S + draft_tokens (the target scored all K drafts);
       - the draft cache holds S + draft_tokens[:-1] (see `draft_generation`).
-    The round committed draft_tokens[:num_accepted] + [new_token]. Afterwards both caches hold
-    S + draft_tokens[:num_accepted] — everything committed except new_token, which no model has
-    seen yet. Trim each cache by the right amount (never re-run a model).
+    The round committed draft_tokens[:num_accepted] + [new_token]. Afterwards the target cache
+    holds S + draft_tokens[:num_accepted] — everything committed except new_token, which no
+    model has seen yet — and so does the draft cache, except when all K were accepted: it then
+    holds S + draft_tokens[:-1], lacking the last draft it never fed. Trim each cache by the
+    right amount (never re-run a model).
     Returns the tokens the draft must be fed next round: [new_token], or
     [draft_tokens[-1], new_token] when all K were accepted (the draft never saw its last one).
     Raises ValueError if a cache cannot be trimmed by the amount needed (for example a

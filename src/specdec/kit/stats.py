@@ -12,6 +12,7 @@ class SpecStats:
     rounds        target verification calls (one per speculation round)
     drafted       draft tokens proposed, summed over rounds (sum of K per round)
     accepted      draft tokens the target accepted
+    rejections    rounds that ended on a rejected draft (the others accepted all K)
     emitted       tokens handed to the caller (accepted + one correction/bonus per round,
                   minus what EOS or max_tokens cut off)
     draft_calls   draft-model forward calls
@@ -22,6 +23,7 @@ class SpecStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    rejections: int = 0
     emitted: int = 0
     draft_calls: int = 0
     draft_time_s: float = 0.0
@@ -34,6 +36,7 @@ class SpecStats:
         self.rounds += 1
         self.drafted += num_drafted
         self.accepted += num_accepted
+        self.rejections += int(num_accepted < num_drafted)
         self.emitted += num_emitted
         self.accepted_per_round.append(num_accepted)
         self.lookahead_per_round.append(num_drafted)
@@ -44,8 +47,24 @@ class SpecStats:
 
     @property
     def acceptance_rate(self) -> float:
-        """Fraction of drafted tokens accepted (an estimate of alpha for a fixed K)."""
+        """Fraction of drafted tokens accepted.
+
+        Not alpha: drafts after the first rejection of a round are never tested, so for a fixed K
+        this is alpha (1 - alpha^K) / ((1 - alpha) K), equal to alpha only at K = 1. Use
+        `alpha_estimate` for alpha.
+        """
         return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def alpha_estimate(self) -> float:
+        """Per-token acceptance probability alpha: accepted / drafts actually tested.
+
+        Each round tests its drafts in order until the first rejection, so the tested drafts are
+        the accepted ones plus one per rejection (the maximum-likelihood estimate of alpha under
+        the book's geometric model).
+        """
+        tested = self.accepted + self.rejections
+        return self.accepted / tested if tested else 0.0
 
     @property
     def mean_accepted_length(self) -> float:
@@ -62,6 +81,7 @@ class SpecStats:
         d.update(
             target_calls=self.target_calls,
             acceptance_rate=self.acceptance_rate,
+            alpha_estimate=self.alpha_estimate,
             mean_accepted_length=self.mean_accepted_length,
             tokens_per_round=self.tokens_per_round,
         )
