@@ -1,0 +1,269 @@
+"""Week 3 Day 3 — drafting without a draft model: prompt lookup (n-gram) drafting.
+
+Verification is exact for *any* proposal as long as we hand it the distribution q the proposal
+came from. So the drafter can be anything: a small model, or a lookup in the text so far. Both
+sit behind one interface, `Drafter`, and `DrafterDecoder` turns any drafter plus a target model
+into the decoder Week 2's `speculative_generate` expects.
+
+Shapes: `K` draft length, `V` vocabulary, `L` tokens fed.
+"""
+
+from types import SimpleNamespace
+from typing import Optional, Protocol
+
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+
+from specdec.kit.models import model_vocab_size
+
+from .draft import SpeculativeDecoder
+
+
+class Drafter(Protocol):
+    """What a decoder needs from a drafter (a `typing.Protocol`: any class with these works).
+
+    Attributes:
+        vocab_size  V, or None while unknown (a `DrafterDecoder` fills it in from the target)
+        cache       list of trimmable per-layer caches ([] for a drafter that keeps no state).
+                    Same invariant as Week 2's draft cache: after `draft`, it holds everything
+                    fed so far plus draft_tokens[:-1]; `commit_round` trims the rejected drafts.
+    """
+
+    vocab_size: Optional[int]
+    cache: list
+
+    def reset(self) -> None:
+        """Forget everything: a new prompt starts."""
+        ...
+
+    def draft(
+        self,
+        unseen_tokens: mx.array,
+        num_tokens: int,
+        temperature: float = 0.0,
+        key: Optional[mx.array] = None,
+    ) -> tuple[mx.array, mx.array]:
+        """Feed unseen_tokens (int [L], L >= 1) and propose 1 <= k' <= num_tokens tokens.
+
+        Returns (draft_tokens int32 [k'], q_draft float32 [k', V]), q_draft[i] the distribution
+        draft_tokens[i] was drawn from, as in Week 2's `draft_generation`.
+        """
+        ...
+
+
+class ModelDrafter:
+    """A draft model behind the `Drafter` interface: Week 2's drafting loop (provided)."""
+
+    def __init__(self, draft_model):
+        """Wrap `draft_model`; vocab_size comes from `model_vocab_size`."""
+        self.draft_model = draft_model
+        self.vocab_size = model_vocab_size(draft_model)
+        self.reset()
+
+    def reset(self) -> None:
+        """A fresh, empty KV cache."""
+        self.cache = make_prompt_cache(self.draft_model)
+
+    def draft(
+        self,
+        unseen_tokens: mx.array,
+        num_tokens: int,
+        temperature: float = 0.0,
+        key: Optional[mx.array] = None,
+    ) -> tuple[mx.array, mx.array]:
+        """Week 2 Day 1's `SpeculativeDecoder.draft_generation`, on this drafter's model and cache."""
+        # draft_generation only reads the draft model and its cache: lend it ours.
+        view = SimpleNamespace(
+            draft_model=self.draft_model, draft_cache=self.cache, vocab_size=self.vocab_size
+        )
+        return SpeculativeDecoder.draft_generation(view, unseen_tokens, num_tokens, temperature, key)
+
+
+class TokenHistory:
+    """The n-gram drafter's "KV cache": the token ids it was fed, trimmable like mlx-lm's caches.
+
+    `commit_round` trims it exactly as it trims a model's cache, so after each round it holds the
+    committed sequence minus the tokens the next `draft` call will feed (provided).
+    """
+
+    def __init__(self):
+        """Start empty."""
+        self.tokens: list[int] = []
+
+    @property
+    def offset(self) -> int:
+        """How many tokens it holds (mlx-lm caches call this `offset`)."""
+        return len(self.tokens)
+
+    def is_trimmable(self) -> bool:
+        """Always: dropping the last n tokens is a list slice."""
+        return True
+
+    def trim(self, n: int) -> int:
+        """Drop the last n tokens (at most all of them); return how many were dropped."""
+        n = min(max(n, 0), len(self.tokens))
+        del self.tokens[len(self.tokens) - n :]
+        return n
+
+
+def find_ngram_continuation(
+    history: list[int], max_ngram: int, min_ngram: int, num_tokens: int
+) -> list[int]:
+    """Prompt lookup: what followed the last time the text ended the way it ends now?
+
+    For n = max_ngram down to min_ngram: let s = history[-n:] (skip n if len(history) <= n).
+    Find the most recent start i < len(history) - n with history[i : i + n] == s (the suffix
+    itself, i = len(history) - n, does not count). On the first n that matches, copy forward
+    from j = i + n: out[t] = (history + out)[j + t] for t = 0 .. num_tokens - 1 — an
+    overlapping copy, so a match close to the end repeats the last tokens periodically and
+    always yields num_tokens tokens. No match for any n (or num_tokens < 1): return [].
+    history: python ints. Returns python ints, len == num_tokens or 0.
+    """
+    if num_tokens < 1:
+        return []
+    length = len(history)
+    for n in range(max_ngram, min_ngram - 1, -1):
+        if n < 1 or length <= n:
+            continue
+        suffix = history[-n:]
+        # Walk back from the latest earlier start: the most recent context is the most relevant.
+        for i in range(length - n - 1, -1, -1):
+            if history[i : i + n] == suffix:
+                extended = list(history)
+                for t in range(num_tokens):
+                    extended.append(extended[i + n + t])
+                return extended[length:]
+    return []
+
+
+class NgramDrafter:
+    """Drafts by prompt lookup in the committed text; no model, no weights.
+
+    Attributes: max_ngram, min_ngram, vocab_size (V or None), cache = [TokenHistory()].
+    Proposals are deterministic, so q_draft is one-hot on each proposed token.
+    """
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, vocab_size: Optional[int] = None):
+        """Raises ValueError unless 1 <= min_ngram <= max_ngram (provided)."""
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(
+                f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram}, max_ngram={max_ngram}"
+            )
+        self.max_ngram, self.min_ngram, self.vocab_size = max_ngram, min_ngram, vocab_size
+        self.reset()
+
+    def reset(self) -> None:
+        """An empty history (provided)."""
+        self.cache = [TokenHistory()]
+
+    @property
+    def history(self) -> list[int]:
+        """The tokens in the cache (provided)."""
+        return self.cache[0].tokens
+
+    def draft(
+        self,
+        unseen_tokens: mx.array,
+        num_tokens: int,
+        temperature: float = 0.0,
+        key: Optional[mx.array] = None,
+    ) -> tuple[mx.array, mx.array]:
+        """Append unseen_tokens (int [L], L >= 1) to `history`, then propose.
+
+        Proposal: `find_ngram_continuation(history, max_ngram, min_ngram, num_tokens)`, or, when
+        it finds nothing, the single token [history[-1]] (repeat the last token: k' = 1).
+        temperature and key are ignored: the proposal is deterministic at any temperature.
+        Returns (draft_tokens int32 [k'], q_draft float32 [k', V]) with q_draft one-hot:
+        q_draft[i, draft_tokens[i]] = 1. Afterwards `history` also holds draft_tokens[:-1] (the
+        cache invariant; `commit_round` trims the rejected ones).
+        Raises ValueError if num_tokens < 1, if unseen_tokens is empty, or if vocab_size is None
+        ("set vocab_size, or wrap the drafter in a DrafterDecoder").
+        """
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        if self.vocab_size is None:
+            raise ValueError(
+                "NgramDrafter.vocab_size is None: set vocab_size, or wrap the drafter in a "
+                "DrafterDecoder (it copies V from the target)"
+            )
+        unseen = mx.array(unseen_tokens).reshape(-1).tolist()
+        if not unseen:
+            raise ValueError("draft needs at least one unseen token to append to the history")
+        self.history.extend(unseen)
+        proposal = find_ngram_continuation(self.history, self.max_ngram, self.min_ngram, num_tokens)
+        if not proposal:
+            proposal = [self.history[-1]]  # nothing to look up: a cheap guess, one token
+        draft_tokens = mx.array(proposal, dtype=mx.int32)
+        # A deterministic proposal is a draw from a one-hot q: verification stays exact.
+        q_draft = (mx.arange(self.vocab_size)[None] == draft_tokens[:, None]).astype(mx.float32)
+        self.history.extend(proposal[:-1])
+        return draft_tokens, q_draft
+
+
+class DrafterDecoder:
+    """Any `Drafter` plus a target model, as the decoder `speculative_generate` expects.
+
+    Attributes: drafter, target_model, lookahead (K), vocab_size (V), target_cache; the
+    property `draft_cache` is `drafter.cache` (so `commit_round` trims the drafter's state).
+    """
+
+    def __init__(self, drafter: "Drafter", target_model, lookahead: int = 4):
+        """Check the pair and create fresh caches with `self.reset()`.
+
+        V = model_vocab_size(target_model). If drafter.vocab_size is None, set it to V; if it
+        differs from V, raise ValueError ("drafter vocab X != target vocab Y: ..."). Also raise
+        ValueError if lookahead < 1, or if a layer of the target's or the drafter's cache is
+        not trimmable (checked after reset).
+        """
+        if lookahead < 1:
+            raise ValueError(f"lookahead must be >= 1, got {lookahead}")
+        target_vocab = model_vocab_size(target_model)
+        if drafter.vocab_size is None:
+            drafter.vocab_size = target_vocab  # a model-free drafter learns V from its target
+        elif drafter.vocab_size != target_vocab:
+            raise ValueError(
+                f"drafter vocab {drafter.vocab_size} != target vocab {target_vocab}: the drafter "
+                "must propose token ids of the target's tokenizer"
+            )
+        self.drafter, self.target_model = drafter, target_model
+        self.lookahead, self.vocab_size = lookahead, target_vocab
+        self.reset()
+        for role, cache in (("drafter", self.draft_cache), ("target", self.target_cache)):
+            stuck = [type(c).__name__ for c in cache if not c.is_trimmable()]
+            if stuck:
+                raise ValueError(
+                    f"the {role}'s cache has layers that cannot be trimmed ({stuck[0]}): "
+                    "rejected drafts must be rolled back; use trimmable caches such as KVCache"
+                )
+
+    @property
+    def draft_cache(self) -> list:
+        """The drafter's cache list (what `commit_round` trims)."""
+        return self.drafter.cache
+
+    def reset(self) -> None:
+        """Reset the drafter and give the target a fresh, empty cache."""
+        self.drafter.reset()
+        self.target_cache = make_prompt_cache(self.target_model)
+
+    def draft_generation(
+        self,
+        prompt_tokens: mx.array,
+        num_tokens: int,
+        temperature: float = 0.0,
+        key: Optional[mx.array] = None,
+    ) -> tuple[mx.array, mx.array]:
+        """`drafter.draft(prompt_tokens, num_tokens, temperature, key)`, checked.
+
+        Returns its (draft_tokens int32 [k'], q_draft float32 [k', V]); raises ValueError if k'
+        is not in [1, num_tokens] or q_draft's shape is not [k', V].
+        """
+        draft_tokens, q_draft = self.drafter.draft(prompt_tokens, num_tokens, temperature, key)
+        k = draft_tokens.shape[0]
+        if not 1 <= k <= num_tokens or tuple(q_draft.shape) != (k, self.vocab_size):
+            raise ValueError(
+                f"the drafter returned {k} tokens and q_draft of shape {tuple(q_draft.shape)} "
+                f"for num_tokens={num_tokens}: expected 1..{num_tokens} tokens and q [k', "
+                f"{self.vocab_size}]"
+            )
+        return draft_tokens, q_draft
