@@ -1,0 +1,170 @@
+"""Week 3 Day 2 — batched speculative decoding: B prompts at once, each row at its own pace.
+
+All rows share one draft call per drafted position and one target call per round, through
+mlx-lm's `BatchKVCache` (left padding, per-row offsets and masks). What is new is per-row
+rollback: row i keeps n_i of the K drafts, but `BatchKVCache.trim(n)` moves every row together.
+Shapes: `B` batch, `L` sequence, `K` draft length, `V` vocabulary.
+
+Cache invariant between rounds, per row (C = the row's committed sequence: prompt + output):
+the target cache holds C[:-1], the draft cache holds C[:-2]. So every row feeds the target
+exactly 1 unseen token and the draft exactly 2, and both caches drop K - n_i entries per round.
+"""
+
+import time
+from typing import Optional, Sequence
+
+import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache, dynamic_roll
+
+from specdec.kit.models import model_vocab_size
+from specdec.kit.stats import SpecStats
+
+from .sampling import make_probs, sample_token
+from .verify import verify_speculation
+
+SHARED_PADDING_LIMIT = 32  # drop the columns every row pads once there are this many
+
+
+def left_pad(batch_prompts: list[list[int]], pad_id: int = 0) -> tuple[mx.array, list[int]]:
+    """Stack prompts of different lengths into one array, right-aligned (padding on the left).
+
+    batch_prompts: B >= 1 lists of token ids, each non-empty (ValueError naming the empty row,
+        or saying the batch is empty).
+    Returns (tokens, left_padding):
+        tokens        int32 [B, L], L = the longest prompt's length; row i is
+                      [pad_id] * left_padding[i] + batch_prompts[i]
+        left_padding  list of B ints, left_padding[i] = L - len(batch_prompts[i])
+    Right-aligned rows all end in column L - 1, so logits[:, -1] is every row's next-token
+    prediction — the layout `BatchKVCache(left_padding)` expects.
+    """
+    raise NotImplementedError(
+        "Week 3 Day 2 Task 1: left_pad — see book/src/week3-02-batched.md"
+    )
+
+
+def make_batch_cache(model, left_padding: list[int]) -> list:
+    """One empty `BatchKVCache(left_padding)` per layer of `model` (provided)."""
+    return [BatchKVCache(left_padding) for _ in model.layers]
+
+
+def rollback_rows(cache: list, num_to_drop: list[int]) -> None:
+    """Drop each row's newest cache entries — a different number per row — in place.
+
+    cache: list of per-layer `BatchKVCache` over the same B rows (every layer in the same state).
+    num_to_drop: B ints with 0 <= num_to_drop[i] <= offset[i] (the row's length). Check all of
+        them before changing anything; ValueError naming the row and the values otherwise.
+    Afterwards, in every layer, row i holds its old entries minus its newest num_to_drop[i]:
+      - `offset[i]` is smaller by num_to_drop[i] (it is also the RoPE position of the next token);
+      - the kept entries still end in the last used column (`size()` does not change), so the
+        next call's tokens land right after them in every row; the columns freed at the front
+        are padding: `left_padding[i]` is larger by num_to_drop[i], and the mask hides them.
+    `BatchKVCache.trim(n)` cannot do this: it drops the same n columns from every row.
+    """
+    raise NotImplementedError(
+        "Week 3 Day 2 Task 2: rollback_rows — see book/src/week3-02-batched.md"
+    )
+
+
+def filter_rows(cache: list, keep: list[int]) -> None:
+    """Keep only rows `keep` (indices into the batch) in every layer, in place (provided).
+
+    `BatchKVCache.filter` also slices off the columns that are padding in every kept row.
+    """
+    indices = mx.array(keep, dtype=mx.int32)
+    for layer in cache:
+        layer.filter(indices)
+
+
+def draft_batch(
+    draft_model,
+    cache: list,
+    inputs: mx.array,
+    num_tokens: int,
+    temperature: float = 0.0,
+    key: Optional[mx.array] = None,
+) -> tuple[mx.array, mx.array]:
+    """Propose `num_tokens` tokens for every row at once: K batched draft calls.
+
+    cache: the draft's per-layer `BatchKVCache` over B rows. inputs: int [B, U], U >= 1 — every
+        row's unseen tokens, right-aligned (the left-padded prompts on the first round).
+    num_tokens: K >= 1. temperature: 0 is greedy (argmax per row); > 0 samples from
+        `make_probs(logits, temperature)` and needs `key` — split it once per drafted position;
+        one key draws the whole batch, whose rows are independent. ValueError otherwise.
+    Returns (draft_tokens, q_draft):
+        draft_tokens  int32 [B, K]
+        q_draft       float32 [B, K, V], q_draft[b, i] the distribution draft_tokens[b, i] was
+                      drawn from (one-hot at temperature 0; normalised over V)
+    Row b is what Week 2's `draft_generation` proposes for row b alone. Cache: grows by U + K - 1
+    columns — inputs, then draft_tokens[:, :-1] (the last proposal is never fed).
+    """
+    raise NotImplementedError(
+        "Week 3 Day 2 Task 3: draft_batch — see book/src/week3-02-batched.md"
+    )
+
+
+def batched_speculative_decode(
+    batch_prompts: list[list[int]],
+    draft_model,
+    target_model,
+    max_tokens: int = 100,
+    lookahead: int = 4,
+    temperature: float = 0.0,
+    key: Optional[mx.array] = None,
+    eos_token_ids: Sequence[int] = (),
+    stats: Optional[SpecStats] = None,
+) -> list[list[int]]:
+    """Speculative decoding for B prompts at once; returns each row's generated tokens.
+
+    batch_prompts: B >= 1 non-empty lists of token ids (any lengths). max_tokens: at most this
+    many tokens per row. lookahead: K >= 1 (ValueError otherwise). temperature: 0 is greedy; > 0
+    samples and needs `key` (ValueError otherwise). eos_token_ids: a row stops right after one.
+    Returns B lists of python ints, in the order of batch_prompts. Row i must be what unbatched
+    decoding of batch_prompts[i] gives: exactly the target's greedy tokens at temperature 0, and
+    samples distributed exactly as the target's at temperature > 0.
+    Each round (all live rows together): `draft_batch` on the draft's `make_batch_cache` caches;
+    one target call on [each row's unseen token(s), d_1..d_K] (the first round also prefills the
+    left-padded prompts, `left_pad`); per row, `verify_speculation` on that row's K + 1 logits,
+    with the row's own key; `rollback_rows` on both caches. Rows that hit EOS or max_tokens leave
+    the batch (`filter_rows`). K = max(1, min(lookahead, r - 1)), r = the most tokens a live row
+    still needs.
+    stats: if given, one `stats.record_round(K, n_i, emitted_i)` per live row per round (so
+    `rounds` counts row-rounds and acceptance_rate/tokens_per_round read as in Week 2);
+    `draft_calls` counts batched draft calls; draft/verify times are wall times of the batch.
+    """
+    raise NotImplementedError(
+        "Week 3 Day 2 Task 4: batched_speculative_decode — see book/src/week3-02-batched.md"
+    )
+
+
+def batched_plain_decode(
+    batch_prompts: list[list[int]],
+    target_model,
+    max_tokens: int,
+    eos_token_ids: Sequence[int] = (),
+) -> list[list[int]]:
+    """Plain batched greedy decoding, the baseline for `specdec bench --batch` (provided).
+
+    Same padding machinery as `batched_speculative_decode`: one left-padded prefill, then one
+    [B, 1] target call per token; rows that hit EOS or max_tokens leave the batch.
+    Returns B lists of python ints, row i equal to greedy decoding of batch_prompts[i] alone.
+    """
+    tokens, left_padding = left_pad(batch_prompts)
+    outputs: list[list[int]] = [[] for _ in batch_prompts]
+    cache = make_batch_cache(target_model, left_padding)
+    rows, eos = list(range(len(batch_prompts))), set(eos_token_ids)
+    inputs = tokens
+    while rows and max_tokens > 0:
+        next_tokens = mx.argmax(target_model(inputs, cache=cache)[:, -1], axis=-1)
+        keep = []
+        for b, (r, token) in enumerate(zip(rows, next_tokens.tolist())):
+            outputs[r].append(token)
+            if token not in eos and len(outputs[r]) < max_tokens:
+                keep.append(b)
+        if len(keep) < len(rows):
+            if not keep:
+                break
+            filter_rows(cache, keep)
+            rows = [rows[b] for b in keep]
+            next_tokens = next_tokens[mx.array(keep, dtype=mx.int32)]
+        inputs = next_tokens[:, None].astype(mx.int32)
+    return outputs
