@@ -32,14 +32,22 @@ What this does
 
 Reproduce
 ---------
-MLX's CPU matmul is ~40x faster when OpenBLAS is preloaded, so run::
+MLX's CPU matmul is ~40x faster when OpenBLAS is preloaded. The shipped pair
+was trained as two single-threaded runs side by side on a 2-core machine
+(one OpenBLAS thread each: a spinning second thread only steals the other
+run's core)::
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 \\
-        python -u scripts/train_models.py --which both
+    export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 OPENBLAS_NUM_THREADS=1
+    python -u scripts/train_models.py --which target --tokenizer TOK &
+    python -u scripts/train_models.py --which draft --tokenizer TOK
 
-``--which target`` / ``--which draft`` train one model; the draft run reuses
-the target directory's tokenizer if it exists so the pair always shares a
-vocabulary. Quick smoke test: ``--target-steps 5 --draft-steps 5 --out /tmp/x``.
+where TOK is a tokenizer.json from this script's tokenizer step (BPE training
+is deterministic: every run on the same corpus produces the same file, which
+is also the one saved in both model directories). ``--which both`` trains
+the two one after the other with the same settings. Without ``--tokenizer``,
+a draft run reuses the target directory's tokenizer if it exists, so the
+pair always shares a vocabulary. Quick smoke test:
+``--target-steps 5 --draft-steps 5 --out /tmp/x``.
 """
 
 from __future__ import annotations
