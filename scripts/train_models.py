@@ -38,12 +38,12 @@ was trained as two single-threaded runs side by side on a 2-core machine
 run's core)::
 
     export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 OPENBLAS_NUM_THREADS=1
-    python -u scripts/train_models.py --which target --tokenizer TOK &
-    python -u scripts/train_models.py --which draft --tokenizer TOK
+    python -u scripts/train_models.py --which tokenizer --out /tmp/tok
+    python -u scripts/train_models.py --which target --tokenizer /tmp/tok/tokenizer.json &
+    python -u scripts/train_models.py --which draft --tokenizer /tmp/tok/tokenizer.json
 
-where TOK is a tokenizer.json from this script's tokenizer step (BPE training
-is deterministic: every run on the same corpus produces the same file, which
-is also the one saved in both model directories). ``--which both`` trains
+(BPE training is deterministic: every run on the same corpus produces the same
+tokenizer.json, which is also the one saved in both model directories.) ``--which both`` trains
 the two one after the other with the same settings. Without ``--tokenizer``,
 a draft run reuses the target directory's tokenizer if it exists, so the
 pair always shares a vocabulary. Quick smoke test:
@@ -357,7 +357,8 @@ def load_teacher(path: Path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--which", choices=["target", "draft", "both"], default="both")
+    p.add_argument("--which", choices=["target", "draft", "both", "tokenizer"], default="both",
+                   help="what to train; `tokenizer` only writes OUT/tokenizer.json")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="output root; models go to OUT/tiny-code and OUT/tiny-code-draft")
     p.add_argument("--vocab-size", type=int, default=4096)
@@ -407,6 +408,11 @@ def main(argv=None):
     # Sanity: byte-level BPE must reproduce source text exactly.
     for _, txt in heldout[:20]:
         assert tok.decode(tok.encode(txt).ids, skip_special_tokens=False) == txt
+    if a.which == "tokenizer":
+        a.out.mkdir(parents=True, exist_ok=True)
+        tok.save(str(a.out / "tokenizer.json"))
+        log(f"tokenizer: saved {a.out / 'tokenizer.json'}")
+        return
 
     t = time.perf_counter()
     train_stream = encode_stream(tok, [txt for _, txt in train])
