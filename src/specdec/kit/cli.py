@@ -343,7 +343,9 @@ def generate_batch(impl, models: Models, args, key) -> int:
         else:
             print(models.decode(prompt_ids + out))
     print("# ---")
-    print(f"# {stats.summary()}")
+    # The batched loop records one round per live row per batched call: "target calls" in the
+    # summary are row-rounds, so tokens/call reads per row, as in unbatched decoding.
+    print(f"# per row: {stats.summary().replace('target calls', 'row-rounds')}")
     print(f"# {total} tokens over {len(rows)} rows, {total / wall:.1f} tokens/s, wall {wall:.2f} s; "
           f"BLAS: {blas_info()['blas']}")
     return 0
@@ -412,19 +414,27 @@ def bench_one(impl, models: Models, prompt_ids: list[int], args, max_tokens: int
     stats = SpecStats()
     spec, spec_s = timed(
         lambda: [t for t, _ in speculative_stream(impl, models, prompt, run_args, stats, key, eos)])
-    plain_tps = len(plain) / plain_s if plain_s > 0 else 0.0
-    spec_tps = len(spec) / spec_s if spec_s > 0 else 0.0
+    return bench_row(len(prompt_ids), len(plain), plain_s, len(spec), spec_s, stats,
+                     (plain == spec) if greedy else None)
+
+
+def bench_row(prompt_tokens: int, n_plain: int, plain_s: float, n_spec: int, spec_s: float,
+              stats, identical: Optional[bool]) -> dict:
+    """One line of the benchmark: throughput of both runs and the speculative run's stats."""
+    plain_tps = n_plain / plain_s if plain_s > 0 else 0.0
+    spec_tps = n_spec / spec_s if spec_s > 0 else 0.0
     return {
-        "prompt_tokens": len(prompt_ids),
-        "plain_tokens": len(plain),
-        "speculative_tokens": len(spec),
+        "prompt_tokens": prompt_tokens,
+        "plain_tokens": n_plain,
+        "speculative_tokens": n_spec,
         "plain_tokens_per_s": plain_tps,
         "speculative_tokens_per_s": spec_tps,
         "speedup": spec_tps / plain_tps if plain_tps > 0 else 0.0,
         "acceptance_rate": stats.acceptance_rate,
+        "alpha": stats.alpha_estimate,
         "mean_accepted_length": stats.mean_accepted_length,
         "tokens_per_target_call": stats.tokens_per_round,
-        "identical": (plain == spec) if greedy else None,
+        "identical": identical,
     }
 
 
@@ -441,25 +451,12 @@ def bench_batch(impl, models: Models, rows: list[list[int]], args, max_tokens: i
     spec, spec_s = timed(lambda: run_batched(impl, models, rows, run_args, key, stats, True))
     plain = [[int(t) for t in r] for r in plain]
     spec = [[int(t) for t in r] for r in spec]
-    n_plain, n_spec = sum(map(len, plain)), sum(map(len, spec))
-    plain_tps = n_plain / plain_s if plain_s > 0 else 0.0
-    spec_tps = n_spec / spec_s if spec_s > 0 else 0.0
-    return {
-        "prompt_tokens": sum(map(len, rows)),
-        "plain_tokens": n_plain,
-        "speculative_tokens": n_spec,
-        "plain_tokens_per_s": plain_tps,
-        "speculative_tokens_per_s": spec_tps,
-        "speedup": spec_tps / plain_tps if plain_tps > 0 else 0.0,
-        "acceptance_rate": stats.acceptance_rate,
-        "mean_accepted_length": stats.mean_accepted_length,
-        "tokens_per_target_call": stats.tokens_per_round,
-        "identical": (plain == spec) if greedy else None,
-    }
+    return bench_row(sum(map(len, rows)), sum(map(len, plain)), plain_s, sum(map(len, spec)),
+                     spec_s, stats, (plain == spec) if greedy else None)
 
 
 MEDIAN_KEYS = ["plain_tokens_per_s", "speculative_tokens_per_s", "speedup", "acceptance_rate",
-               "mean_accepted_length", "tokens_per_target_call"]
+               "alpha", "mean_accepted_length", "tokens_per_target_call"]
 
 
 def cmd_bench(args) -> int:
@@ -494,7 +491,7 @@ def cmd_bench(args) -> int:
         if not args.json:
             if i == 0:
                 print(f"{'#':>3} {'prompt':<28} {'plain tok/s':>11} {'spec tok/s':>10} {'speedup':>8} "
-                      f"{'accept':>7} {'mean acc':>8} {'tok/call':>8} {'identical':>9}")
+                      f"{'accept':>7} {'alpha':>6} {'mean acc':>8} {'tok/call':>8} {'identical':>9}")
             print(format_row(str(i + 1), row["prompt"], row), flush=True)
     median = {k: statistics.median(r[k] for r in results) for k in MEDIAN_KEYS}
     identical = [r["identical"] for r in results]
@@ -525,7 +522,8 @@ def format_row(index: str, name: str, r: dict) -> str:
     same = {True: "yes", False: "NO", None: "n/a"}[r["identical"]]
     name = name if len(name) <= 28 else "…" + name[-27:]
     return (f"{index:>3} {name:<28} {r['plain_tokens_per_s']:>11.1f} {r['speculative_tokens_per_s']:>10.1f} "
-            f"{r['speedup']:>7.2f}x {r['acceptance_rate']:>7.1%} {r['mean_accepted_length']:>8.2f} "
+            f"{r['speedup']:>7.2f}x {r['acceptance_rate']:>7.1%} {r['alpha']:>6.3f} "
+            f"{r['mean_accepted_length']:>8.2f} "
             f"{r['tokens_per_target_call']:>8.2f} {same:>9}")
 
 
