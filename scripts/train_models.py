@@ -244,12 +244,16 @@ def windows(stream: np.ndarray, ctx: int) -> np.ndarray:
     return stream[idx]
 
 
-def train_one(name, arch, vocab_size, train_win, val_batches, cfg, teacher=None):
+def train_one(name, arch, vocab_size, train_win, val_batches, cfg, teacher=None, init=None):
     steps, bs, lr, warmup = cfg["steps"], cfg["batch_size"], cfg["lr"], cfg["warmup"]
     ctx = train_win.shape[1] - 1
     mx.random.seed(cfg["seed"])
     args = make_args(arch, vocab_size)
     model = Model(args)
+    if init is not None:  # continue from a saved model (e.g. distil a trained draft further)
+        model.load_weights(str(init / "model.safetensors"))
+        model.set_dtype(mx.float32)
+        log(f"{name}: initialised from {init}")
     mx.eval(model.parameters())
     n_params = count_params(model)
     log(f"{name}: {n_params:,} params, {steps} steps x {bs} x {ctx} = "
@@ -381,6 +385,8 @@ def main(argv=None):
     p.add_argument("--distill-draft", action="store_true",
                    help="train the draft on a CE/KL mix against the saved target's logits")
     p.add_argument("--distill-alpha", type=float, default=0.5)
+    p.add_argument("--init-draft", type=Path, default=None,
+                   help="start the draft from this saved model directory instead of random weights")
     a = p.parse_args(argv)
 
     if "openblas" not in os.environ.get("LD_PRELOAD", ""):
@@ -443,7 +449,9 @@ def main(argv=None):
         cfg = dict(common, steps=a.draft_steps, lr=a.draft_lr,
                    distill_alpha=a.distill_alpha if a.distill_draft else 0.0)
         model, args, tlog, meta = train_one("draft", DRAFT_ARCH, vocab_size, train_win,
-                                            val_batches, cfg, teacher=teacher)
+                                            val_batches, cfg, teacher=teacher, init=a.init_draft)
+        if a.init_draft is not None:
+            meta["init"] = str(a.init_draft)
         save_model(model, args, draft_dir, tok, heldout_rels, tlog, meta)
     log("done")
 
