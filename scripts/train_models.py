@@ -41,9 +41,17 @@ run's core)::
     python -u scripts/train_models.py --which tokenizer --out /tmp/tok
     python -u scripts/train_models.py --which target --tokenizer /tmp/tok/tokenizer.json &
     python -u scripts/train_models.py --which draft --tokenizer /tmp/tok/tokenizer.json
+    wait
+    python -u scripts/train_models.py --which draft --tokenizer /tmp/tok/tokenizer.json \\
+        --init-draft src/specdec/kit/assets/tiny-code-draft --distill-draft \\
+        --distill-alpha 1.0 --draft-steps 300 --draft-lr 5e-4 --warmup 20
 
 (BPE training is deterministic: every run on the same corpus produces the same
-tokenizer.json, which is also the one saved in both model directories.) ``--which both`` trains
+tokenizer.json, which is also the one saved in both model directories.) The last
+step distils the trained draft towards the trained target (pure KL to the
+target's next-token distribution, 0.61M tokens): it raised the held-out greedy
+acceptance at K = 4 from 0.75 to 0.82. Its log is training_log.json; the log
+of the run it continued is kept as training_log_init.json. ``--which both`` trains
 the two one after the other with the same settings. Without ``--tokenizer``,
 a draft run reuses the target directory's tokenizer if it exists, so the
 pair always shares a vocabulary. Quick smoke test:
@@ -446,6 +454,8 @@ def main(argv=None):
         del model
     if a.which in ("draft", "both"):
         teacher = load_teacher(target_dir) if a.distill_draft else None
+        # A continued run keeps the history of the run it continues (training_log_init.json).
+        init_log = (a.init_draft / "training_log.json").read_text() if a.init_draft else None
         cfg = dict(common, steps=a.draft_steps, lr=a.draft_lr,
                    distill_alpha=a.distill_alpha if a.distill_draft else 0.0)
         model, args, tlog, meta = train_one("draft", DRAFT_ARCH, vocab_size, train_win,
@@ -453,6 +463,8 @@ def main(argv=None):
         if a.init_draft is not None:
             meta["init"] = str(a.init_draft)
         save_model(model, args, draft_dir, tok, heldout_rels, tlog, meta)
+        if init_log is not None:
+            (draft_dir / "training_log_init.json").write_text(init_log)
     log("done")
 
 
