@@ -31,20 +31,25 @@ from specdec.kit.timing import blas_info
 
 TOY = "toy-llama"
 GREEN, RESET = "\x1b[32m", "\x1b[0m"
-DEFAULT_PROMPT = "def fibonacci(n):\n"
+# The embedded pair learned from the standard library, half of which is tests: a test method is
+# where its 21M-parameter target writes its most convincing Python.
+DEFAULT_PROMPT = "import unittest\n\n\nclass TestList(unittest.TestCase):\n\n    def test_append(self):"
 
 # Short Python beginnings for `--batch` and for `bench` when no held-out file list is around.
+# Prompts end at the end of a line, *without* its newline: byte-level BPE merges a newline with
+# the next line's indentation into one token, so a prompt ending in a bare "\n" ends on a token
+# boundary the models rarely saw in training (it measurably lowers acceptance).
 BUILTIN_PROMPTS = [
-    "def fibonacci(n):\n",
-    "import os\n\n\ndef list_python_files(root):\n",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
-    "def is_prime(n):\n    if n < 2:\n        return False\n",
-    "def read_lines(path):\n    with open(path) as f:\n",
-    "import sys\n\n\ndef main(argv=None):\n    if argv is None:\n        argv = sys.argv[1:]\n",
-    "def merge_sorted(a, b):\n    result = []\n    i = j = 0\n",
-    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n",
-    "def count_words(text):\n    counts = {}\n    for word in text.split():\n",
-    "def binary_search(items, target):\n    lo, hi = 0, len(items) - 1\n",
+    "def fibonacci(n):",
+    "import os\n\n\ndef list_python_files(root):",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):",
+    "def is_prime(n):\n    if n < 2:\n        return False",
+    "def read_lines(path):\n    with open(path) as f:",
+    "import sys\n\n\ndef main(argv=None):\n    if argv is None:\n        argv = sys.argv[1:]",
+    "def merge_sorted(a, b):\n    result = []\n    i = j = 0",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y",
+    "def count_words(text):\n    counts = {}\n    for word in text.split():",
+    "def binary_search(items, target):\n    lo, hi = 0, len(items) - 1",
 ]
 
 
@@ -378,7 +383,7 @@ def heldout_prompts(target_name: str, n: int, lines: int = 15) -> list[tuple[str
         start = next((i for i, line in enumerate(all_lines) if _CODE_START.match(line)), 0)
         chunk = "\n".join(all_lines[start : start + lines])[:1200]
         if chunk.count("\n") >= 5:
-            prompts.append((rel, chunk + "\n"))
+            prompts.append((rel, chunk.rstrip()))  # no trailing newline: see BUILTIN_PROMPTS
         if len(prompts) == n:
             break
     return prompts
