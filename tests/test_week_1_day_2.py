@@ -9,11 +9,11 @@ import collections.abc
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from scipy import stats
 
 from specdec.kit.models import MarkovLM
+from support import mlx_lm_greedy
 
 CHAPTER = "see book/src/week1-02-autoregressive-loop.md"
 
@@ -43,13 +43,6 @@ class CountingModel:
 
     def make_cache(self):
         return make_prompt_cache(self.model)
-
-
-def mlx_lm_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
-    """Plain greedy decoding by mlx-lm itself: the ground truth."""
-    sampler = lambda logprobs: mx.argmax(logprobs, axis=-1)  # noqa: E731
-    steps = generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler)
-    return [token for token, _ in steps]
 
 
 # Task 1: prefill --------------------------------------------------------------------------------

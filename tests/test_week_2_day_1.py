@@ -10,11 +10,11 @@ their period-3 position dependence makes a wrong cache offset produce different 
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache
 from scipy.stats import chisquare
 
 from specdec.kit.models import MarkovLM, markov_pair, random_transitions
+from support import mlx_lm_greedy
 
 # Earlier tasks (Week 1 Day 1) that drafting builds on: always the reference's here.
 SAMPLING = (
@@ -25,13 +25,6 @@ SAMPLING = (
     "sampling.make_probs",
 )
 CHAPTER = "book/src/week2-01-draft-integration.md"
-
-
-def greedy_reference(model, prompt, num_tokens):
-    """Plain greedy decoding with mlx-lm's own loop: the tokens drafting must reproduce."""
-    sampler = lambda logprobs: mx.argmax(logprobs, axis=-1)  # noqa: E731
-    steps = generate_step(mx.array(prompt), model, max_tokens=num_tokens, sampler=sampler)
-    return [int(token) for token, _ in steps]
 
 
 def exact_probs(markov, token, position, temperature):
@@ -133,7 +126,7 @@ def test_task_2_greedy_drafts_are_the_drafts_own_greedy_tokens(impl, use_ref, ll
     draft, target = llama_models
     prompt = [3, 41, 17, 8, 59, 22]
     K, more = 5, 3
-    expected = greedy_reference(draft, prompt, K + more)
+    expected = mlx_lm_greedy(draft, prompt, K + more)
     decoder = impl.draft.SpeculativeDecoder(draft, target, lookahead=K)
 
     draft_tokens, q_draft = decoder.draft_generation(mx.array(prompt), K)

@@ -10,10 +10,10 @@ the bonus position after the last draft.
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
 from specdec.kit.models import tiny_llama_pair
+from support import mlx_lm_greedy
 
 V = 16
 CHAPTER = "book/src/week2-02-parallel-verification.md"
@@ -36,13 +36,6 @@ def check_output(n, tokens, K):
     assert all(type(t) is int for t in tokens), (
         f"tokens must be python ints (use .tolist() / .item()), got types {[type(t).__name__ for t in tokens]}"
     )
-
-
-def greedy_reference(model, prompt, num_tokens):
-    """Plain greedy decoding with mlx-lm's own loop."""
-    sampler = lambda logprobs: mx.argmax(logprobs, axis=-1)  # noqa: E731
-    steps = generate_step(mx.array(prompt), model, max_tokens=num_tokens, sampler=sampler)
-    return [int(token) for token, _ in steps]
 
 
 def target_round_logits(target, prompt, draft_tokens):
@@ -103,7 +96,7 @@ def test_task_1_verified_round_equals_target_greedy(impl):
     K = 5
     for noise, prompt in ((0.0, [7, 19, 3, 44]), (0.05, [12, 1, 60, 33, 8])):
         draft, target = tiny_llama_pair(seed=0, noise=noise)
-        greedy = greedy_reference(target, prompt, K + 1)
+        greedy = mlx_lm_greedy(target, prompt, K + 1)
 
         # Drafts we control: the target's own greedy tokens with position j corrupted (j = K: none).
         for j in range(K + 1):
@@ -121,7 +114,7 @@ def test_task_1_verified_round_equals_target_greedy(impl):
             )
 
         # Drafts from the draft model itself: whatever is accepted, the round is a greedy prefix.
-        drafts = greedy_reference(draft, prompt, K)
+        drafts = mlx_lm_greedy(draft, prompt, K)
         n, tokens = impl.verify.verify_greedy(
             mx.array(drafts, dtype=mx.int32), target_round_logits(target, prompt, drafts)
         )

@@ -9,12 +9,12 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from scipy import stats as scipy_stats
 
 from specdec.kit.models import MarkovLM, markov_pair, tiny_llama_pair
 from specdec.kit.stats import SpecStats
+from support import CallCounter, mlx_lm_greedy
 
 # The earlier tasks the loop stands on: graded elsewhere, taken from the reference here.
 EARLIER_TASKS = (
@@ -32,20 +32,6 @@ EARLIER_TASKS = (
 )
 
 PROMPTS = ([5], [1, 5, 7], [3, 9, 2, 7, 11, 4, 0, 6, 8])
-
-
-class CallCounter:
-    """A model that counts its forward calls; everything else is the wrapped model's."""
-
-    def __init__(self, model):
-        self.model, self.calls = model, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +59,6 @@ def next_logits_then_undo(model, cache, unseen: list[int]) -> np.ndarray:
     logits = np.array(model(mx.array(unseen, dtype=mx.int32)[None], cache=cache)[0, -1])
     trim_prompt_cache(cache, len(unseen))
     return logits
-
-
-def plain_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
-    """mlx-lm's own greedy decoding: the output speculative decoding must reproduce exactly."""
-    steps = generate_step(
-        mx.array(prompt, dtype=mx.int32), model, max_tokens=max_tokens,
-        sampler=lambda logprobs: mx.argmax(logprobs, axis=-1),
-    )
-    return [int(token) for token, _ in steps]
 
 
 # Task 1: commit_round -----------------------------------------------------------------------------
@@ -226,7 +203,7 @@ def test_task_2_greedy_output_is_the_targets_greedy_output(
     use_ref(*EARLIER_TASKS, "speculative.commit_round")
     draft, target = models_by_name(pair, markov_models, llama_models, identical_llama_models)
     for prompt in PROMPTS:
-        greedy = plain_greedy(target, prompt, 33)
+        greedy = mlx_lm_greedy(target, prompt, 33)
         for K in range(1, 9):
             for max_tokens in (33, 7, 1) if K in (1, 3, 8) else (33,):
                 counted_draft, counted_target = CallCounter(draft), CallCounter(target)
@@ -281,7 +258,7 @@ def test_task_2_stops_right_after_eos_inside_an_accepted_block(
     use_ref(*EARLIER_TASKS, "speculative.commit_round")
     draft, target = models_by_name(pair, markov_models, llama_models, identical_llama_models)
     K, prompt = 4, [3, 9, 2]
-    greedy = plain_greedy(target, prompt, 40)
+    greedy = mlx_lm_greedy(target, prompt, 40)
     # Find an EOS id whose first occurrence is an accepted draft: the round goes on after it.
     reference_out = list(
         ref.speculative.speculative_generate(
@@ -351,7 +328,7 @@ def test_task_2_lookahead_is_read_every_round(impl, ref, use_ref, markov_models)
 
     max_tokens = 40
     tokens, _, stats = run_loop(impl, decoder, [6, 2, 9], max_tokens, on_round=on_round)
-    assert tokens == plain_greedy(target, [6, 2, 9], max_tokens), (
+    assert tokens == mlx_lm_greedy(target, [6, 2, 9], max_tokens), (
         "changing decoder.lookahead between rounds must not change the greedy output"
     )
     expected_k, emitted = [], 0

@@ -10,12 +10,12 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 from scipy import stats as scipy_stats
 
 from specdec.kit.models import markov_pair, model_vocab_size, tiny_llama_pair
 from specdec.kit.stats import SpecStats
+from support import mlx_lm_greedy
 
 # What batched_speculative_decode stands on: graded elsewhere, taken from the reference here.
 EARLIER_TASKS = (
@@ -52,15 +52,6 @@ def identical_markov_models():
 def identical_llama_models():
     """A draft that *is* the target: greedy drafting is always fully accepted."""
     return tiny_llama_pair(seed=0, noise=0.0)
-
-
-def plain_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
-    """mlx-lm's own unbatched greedy decoding: what every row of a batch must reproduce."""
-    steps = generate_step(
-        mx.array(prompt, dtype=mx.int32), model, max_tokens=max_tokens,
-        sampler=lambda logprobs: mx.argmax(logprobs, axis=-1),
-    )
-    return [int(token) for token, _ in steps]
 
 
 def fresh_next_logits(model, tokens: list[int]) -> np.ndarray:
@@ -211,7 +202,7 @@ def test_task_3_draft_batch_greedy_rows_match_unbatched(impl, use_ref, pair, mar
         f"q_draft must be [B, K, V], got {q_draft.shape}"
     )
     for b, prompt in enumerate(prompts):
-        want = plain_greedy(draft, prompt, K)
+        want = mlx_lm_greedy(draft, prompt, K)
         assert draft_tokens[b].tolist() == want, (
             f"{pair}, row {b} (prompt length {len(prompt)}): at temperature 0 the row's drafts must "
             f"be the draft model's own greedy continuation {want}, got {draft_tokens[b].tolist()}. "
@@ -230,7 +221,7 @@ def test_task_3_draft_batch_greedy_rows_match_unbatched(impl, use_ref, pair, mar
     unseen = [[d[-1], 4] for d in draft_tokens.tolist()]
     second, _ = impl.batched.draft_batch(draft, cache, mx.array(unseen, dtype=mx.int32), 2)
     for b in range(len(prompts)):
-        want = plain_greedy(draft, sequences[b] + unseen[b], 2)
+        want = mlx_lm_greedy(draft, sequences[b] + unseen[b], 2)
         assert second[b].tolist() == want, (
             f"{pair}, row {b}: a second call feeding [B, 2] unseen tokens must continue the row: "
             f"expected {want}, got {second[b].tolist()}"
@@ -264,7 +255,7 @@ GREEDY_CACHE: dict = {}
 def greedy_reference(name, target, prompts, max_tokens):
     key = (name, tuple(map(tuple, prompts)), max_tokens)
     if key not in GREEDY_CACHE:
-        GREEDY_CACHE[key] = [plain_greedy(target, list(p), max_tokens) for p in prompts]
+        GREEDY_CACHE[key] = [mlx_lm_greedy(target, list(p), max_tokens) for p in prompts]
     return GREEDY_CACHE[key]
 
 

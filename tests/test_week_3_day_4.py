@@ -12,11 +12,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
 from specdec.kit.models import tiny_llama, tiny_llama_pair
 from specdec.kit.stats import SpecStats
+from support import CallCounter, mlx_lm_greedy
 
 BOOK = "see book/src/week3-04-token-trees.md"
 PROMPT = [3, 9, 2, 7, 11, 4]
@@ -25,20 +25,6 @@ PROMPT = [3, 9, 2, 7, 11, 4]
 #                   a  b  c  d  e  f
 EXAMPLE_PARENTS = [-1, -1, 0, 0, 1, 2]
 EXAMPLE_TOKENS = [10, 20, 30, 40, 50, 60]
-
-
-class CallCounter:
-    """A model that counts its forward calls; everything else is the wrapped model's."""
-
-    def __init__(self, model):
-        self.model, self.calls = model, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
 
 
 def path_to(node, parents):
@@ -53,12 +39,6 @@ def path_to(node, parents):
 def last_logits(model, tokens):
     """Logits after `tokens`, from a plain forward with no cache: the ground truth."""
     return model(mx.array(tokens)[None])[0, -1]
-
-
-def plain_greedy(model, prompt, max_tokens):
-    argmax = lambda logprobs: mx.argmax(logprobs, axis=-1)  # noqa: E731
-    steps = generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=argmax)
-    return [int(token) for token, _ in steps]
 
 
 def prefilled(model, tokens):
@@ -332,7 +312,7 @@ TASK_5 = TASK_2 + ("tree.build_draft_tree", "tree.verify_tree_greedy", "tree.com
 def test_task_6_greedy_exactness(impl, use_ref, llama_models, branching, depth, prompt):
     use_ref(*TASK_5)
     draft, target = llama_models
-    expected = plain_greedy(target, prompt, 20)
+    expected = mlx_lm_greedy(target, prompt, 20)
     for max_tokens in (1, 6, 20):
         got = impl.tree.tree_speculative_generate(
             draft, target, prompt, max_tokens, branching=branching, depth=depth
@@ -349,7 +329,7 @@ def test_task_6_greedy_exactness(impl, use_ref, llama_models, branching, depth, 
 def test_task_6_eos_and_stats(impl, use_ref, llama_models):
     use_ref(*TASK_5)
     draft, target = llama_models
-    expected = plain_greedy(target, PROMPT, 30)
+    expected = mlx_lm_greedy(target, PROMPT, 30)
     eos = expected[9]
     expected = expected[: expected.index(eos) + 1]
     counter, stats = CallCounter(target), SpecStats()
