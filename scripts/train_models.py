@@ -63,9 +63,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
-import sys
 import sysconfig
 import time
 from functools import partial
@@ -273,7 +271,7 @@ def train_one(name, arch, vocab_size, train_win, val_batches, cfg, teacher=None,
         [warmup])
     opt = optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=0.1)
 
-    alpha, temp = cfg.get("distill_alpha", 0.0), 1.0
+    alpha = cfg.get("distill_alpha", 0.0)
 
     def loss_fn(model, x, y, t_logits=None):
         logits = model(x)

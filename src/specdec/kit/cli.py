@@ -570,7 +570,7 @@ def cmd_doctor(args) -> int:
             print("fast BLAS    yes: OpenBLAS is loaded")
         elif lib:
             print(f"fast BLAS    available but not loaded: {lib}")
-            print(f"             `specdec generate` and `specdec bench` preload it for you; elsewhere use")
+            print("             `specdec generate` and `specdec bench` preload it for you; elsewhere use")
             print(f"             export LD_PRELOAD={lib}")
         else:
             print("fast BLAS    not found: MLX uses its slow bundled BLAS (a K-token forward costs")

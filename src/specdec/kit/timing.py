@@ -7,21 +7,9 @@ import os
 import platform
 import statistics
 import time
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import mlx.core as mx
-
-
-@contextmanager
-def timer() -> Iterator[list[float]]:
-    """`with timer() as t: ...` then `t[0]` holds the elapsed seconds."""
-    box = [0.0]
-    start = time.perf_counter()
-    try:
-        yield box
-    finally:
-        box[0] = time.perf_counter() - start
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
@@ -78,7 +66,3 @@ def find_openblas() -> str | None:
             return candidate
     return ctypes.util.find_library("openblas")
 
-
-def uses_fast_blas() -> bool:
-    info = blas_info()["blas"]
-    return not info.startswith("MLX bundled")
