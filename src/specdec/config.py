@@ -1,0 +1,1 @@
+"""Week 4 Day 1 — configuration: one validated SpeculativeConfig (being written)."""
