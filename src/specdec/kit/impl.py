@@ -48,6 +48,7 @@ EXERCISE_MODULES = [
     "contracts",
     "metrics",
     "fallback",
+    "serving",
 ]
 
 _STUB_TAG = re.compile(r"^(Week \d+ Day \d+ Task \d+): ")
