@@ -49,6 +49,7 @@ EXERCISE_MODULES = [
     "metrics",
     "fallback",
     "serving",
+    "benchmark",
 ]
 
 _STUB_TAG = re.compile(r"^(Week \d+ Day \d+ Task \d+): ")
