@@ -6,8 +6,12 @@ Task 3: best_lookahead (argmax of expected goodput)
 Task 4: AdaptiveSpeculator.goodput_step (estimate alpha and c, then best_lookahead)
 """
 
+from collections import deque
+
 import mlx.core as mx
 import pytest
+
+from support import raises
 
 CHAPTER = "book/src/week3-01-adaptive-lookahead.md"
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
@@ -51,38 +55,87 @@ def greedy_exact_check(impl, ref, llama_models, speculator, max_tokens=40):
 
 # Task 1 -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "kwargs",
+    "kwargs, named",  # named: what the message must mention (the bad argument)
     [
-        dict(min_lookahead=0),
-        dict(min_lookahead=5, max_lookahead=3, initial_lookahead=4),
-        dict(initial_lookahead=9),
-        dict(initial_lookahead=1),
-        dict(policy="greedy"),
-        dict(window=0),
-        dict(raise_above=0.5, lower_below=0.6),
-        dict(raise_above=1.5),
-        dict(draft_cost=-0.1),
-        dict(verify_base=0.0),
+        (dict(min_lookahead=0), "min_lookahead"),
+        (dict(min_lookahead=5, max_lookahead=3, initial_lookahead=4), "m(in|ax)_lookahead"),
+        (dict(initial_lookahead=9), "initial_lookahead"),
+        (dict(initial_lookahead=1), "initial_lookahead"),
+        (dict(policy="greedy"), "greedy|policy"),
+        (dict(window=0), "window"),
+        (dict(raise_above=0.5, lower_below=0.6), "raise_above|lower_below"),
+        (dict(raise_above=1.5), "raise_above"),
+        (dict(lower_below=-0.1), "lower_below"),
+        (dict(draft_cost=-0.1), "draft_cost"),
+        (dict(verify_base=0.0), "verify_base"),
+        (dict(verify_slope=-0.1), "verify_slope"),
     ],
 )
-def test_task_1_rejects_bad_arguments(impl, kwargs):
-    with pytest.raises(ValueError):
+def test_task_1_rejects_bad_arguments(impl, kwargs, named):
+    with raises(ValueError, f"AdaptiveSpeculator({kwargs}) must raise ValueError naming the bad "
+                f"argument and the fix ({CHAPTER}, Task 1)", match=named):
         impl.adaptive.AdaptiveSpeculator(**kwargs)
-        pytest.fail(f"AdaptiveSpeculator({kwargs}) must raise ValueError naming the bad value ({CHAPTER})")
+
+
+def test_task_1_init_sets_the_documented_attributes(impl):
+    """The policies (yours or the reference's, mixed by use_reference_for_unfinished) read them."""
+    args = dict(initial_lookahead=3, min_lookahead=1, max_lookahead=6, policy="goodput", window=7,
+                raise_above=0.9, lower_below=0.5, draft_cost=0.2, verify_base=1.5, verify_slope=0.3)
+    speculator = impl.adaptive.AdaptiveSpeculator(**args)
+    for name, value in args.items():
+        attribute = "_lookahead" if name == "initial_lookahead" else name
+        assert getattr(speculator, attribute, None) == value, (
+            f"__init__ must store {name}={value!r} as `self.{attribute}` (see the class "
+            f"docstring); got {getattr(speculator, attribute, '<missing>')!r}"
+        )
+    assert speculator.lookahead == 3, "the lookahead property reads `_lookahead`"
+    history = speculator.history
+    assert isinstance(history, deque) and history.maxlen == 7 and len(history) == 0, (
+        f"`history` must start as an empty deque(maxlen=window) = deque(maxlen=7), got {history!r}"
+    )
 
 
 def test_task_1_update_checks_its_round(impl):
     speculator = impl.adaptive.AdaptiveSpeculator()
     assert speculator.lookahead == 4, "a new speculator starts at initial_lookahead"
     for bad in [(0, 0), (3, 4), (3, -1)]:
-        with pytest.raises(ValueError):
+        with raises(ValueError, f"update{bad} must raise ValueError: need num_drafted >= 1 and "
+                    "0 <= num_accepted <= num_drafted"):
             speculator.update(*bad)
-            pytest.fail(f"update{bad}: need num_drafted >= 1 and 0 <= num_accepted <= num_drafted")
     assert len(speculator.history) == 0, "a rejected round must not enter the history"
     speculator.update(3, 2)
     assert list(speculator.history) == [(3, 2, None, None)], (
         "update appends (num_drafted, num_accepted, draft_time_s, verify_time_s) to `history`"
     )
+
+
+@pytest.mark.parametrize("policy", ["threshold", "heuristic", "goodput"])
+def test_task_1_update_calls_the_policy_step(impl, policy):
+    """update appends the round, THEN calls the policy's method with the documented arguments,
+    stores and returns its K, and refuses a K outside the bounds with RuntimeError."""
+    speculator = impl.adaptive.AdaptiveSpeculator(initial_lookahead=4, policy=policy)
+    calls = []
+
+    def step(*args, **kwargs):  # stands in for the policy's method on this one object
+        named = tuple(kwargs[k] for k in ("num_drafted", "num_accepted") if k in kwargs)
+        calls.append((args + named, list(speculator.history)))
+        return 6
+
+    setattr(speculator, f"{policy}_step", step)
+    got = speculator.update(5, 2, 0.01, 0.02)
+    expected_args = (5, 2) if policy == "heuristic" else ()
+    assert calls == [(expected_args, [(5, 2, 0.01, 0.02)])], (
+        f"policy {policy!r}: update must append the round to `history` first, then call "
+        f"self.{policy}_step{expected_args} once; the calls seen were (args, history) = {calls}"
+    )
+    assert got == 6 and speculator.lookahead == 6, (
+        f"update must store the K the policy returns (6) and return it; returned {got}, "
+        f"lookahead is {speculator.lookahead}"
+    )
+    setattr(speculator, f"{policy}_step", lambda *args: 99)
+    with raises(RuntimeError, f"the {policy} policy returned K = 99, outside [2, 8]: update must "
+                "raise RuntimeError (a policy bug must not reach the decoder)"):
+        speculator.update(4, 4)
 
 
 def test_task_1_threshold_climbs_and_falls(impl):
@@ -182,10 +235,12 @@ def test_task_3_best_lookahead_edges(impl, use_ref):
         "when every K has the same goodput (here (K+1)/(K+1)), ties go to the smaller K"
     )
     assert best(0.5, 0.1, linear_v, 5, 5) == 5, "a single allowed K is the answer"
-    for args in [(0.5, 0.1, linear_v, 0, 8), (0.5, 0.1, linear_v, 6, 4), (0.5, -0.1, linear_v, 2, 8)]:
-        with pytest.raises(ValueError):
+    for args, why in [((0.5, 0.1, linear_v, 0, 8), "min_lookahead = 0 < 1"),
+                      ((0.5, 0.1, linear_v, 6, 4), "max_lookahead 4 < min_lookahead 6"),
+                      ((0.5, -0.1, linear_v, 2, 8), "c = -0.1 < 0")]:
+        with raises(ValueError, f"best_lookahead(alpha=0.5, c={args[1]}, v, {args[3]}, {args[4]}) "
+                    f"must raise ValueError: {why} ({CHAPTER}, Task 3)"):
             best(*args)
-            pytest.fail(f"best_lookahead{args[:2] + args[3:]} must raise ValueError")
 
 
 # Task 4 -----------------------------------------------------------------------------------------
@@ -238,6 +293,21 @@ def test_task_4_goodput_follows_measured_costs(impl, ref, use_ref, c_true):
     ks = feed(speculator, rounds[:3] + [(4, 3)])
     expected = brute_force_best(ref, 0.75, 0.5, linear_v, 2, 8)
     assert ks[-1] == expected, "a round without timings in the window: use c = draft_cost"
+
+
+def test_task_4_goodput_uses_its_verify_costs(impl, ref, use_ref):
+    """v(K) = verify_base + verify_slope * K with the constructor's values, not the defaults."""
+    v_steep = lambda k: 1.0 + 0.6 * k  # noqa: E731
+    rounds = [(4, 3)] * 4  # alpha = 3/4, no timings: c = draft_cost
+    expected = brute_force_best(ref, 0.75, 0.1, v_steep, 2, 8)
+    assert expected != brute_force_best(ref, 0.75, 0.1, linear_v, 2, 8)  # the test can tell
+    speculator = goodput_speculator(impl, use_ref, verify_base=1.0, verify_slope=0.6)
+    got = feed(speculator, rounds)[-1]
+    assert got == expected, (
+        f"with verify_base=1.0, verify_slope=0.6 the verify cost is v(K) = 1 + 0.6 K, and the best "
+        f"K for alpha = 0.75, c = 0.1 is {expected}; got {got}: build v from the speculator's "
+        f"verify_base and verify_slope ({CHAPTER}, Task 4)"
+    )
 
 
 def test_task_4_goodput_greedy_exact(impl, ref, use_ref, llama_models):

@@ -13,9 +13,9 @@ import pytest
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 from scipy import stats as scipy_stats
 
-from specdec.kit.models import markov_pair, model_vocab_size, tiny_llama_pair
+from specdec.kit.models import MarkovLM, markov_pair, model_vocab_size, random_transitions, tiny_llama_pair
 from specdec.kit.stats import SpecStats
-from support import mlx_lm_greedy
+from support import CallCounter, mlx_lm_greedy, raises
 
 # What batched_speculative_decode stands on: graded elsewhere, taken from the reference here.
 EARLIER_TASKS = (
@@ -54,6 +54,22 @@ def identical_llama_models():
     return tiny_llama_pair(seed=0, noise=0.0)
 
 
+# Floats are compared with a tolerance that fits the device. On the CPU a batched row and its
+# unbatched run agree to float32 rounding; a GPU may run float32 matmuls in TF32 (CUDA does), which
+# moves logits by up to ~1e-3 of their scale. Tokens, offsets and shapes are compared exactly.
+ON_CPU = mx.default_device().type == mx.cpu
+REL_TOL = 1e-5 if ON_CPU else 1e-2
+
+
+def assert_close(got, want, message: str) -> None:
+    """max |got - want| <= REL_TOL * max(1, max |want|), else fail with `message` and the numbers."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    error, bound = np.abs(got - want).max(), REL_TOL * max(1.0, np.abs(want).max())
+    assert error <= bound, (
+        f"{message} (max |difference| {error:.2e}, allowed {bound:.2e} on {mx.default_device()})"
+    )
+
+
 def fresh_next_logits(model, tokens: list[int]) -> np.ndarray:
     """The logits after `tokens` from a brand-new unbatched cache: what every row must match."""
     cache = make_prompt_cache(model)
@@ -63,6 +79,9 @@ def fresh_next_logits(model, tokens: list[int]) -> np.ndarray:
 # Task 1: left_pad ---------------------------------------------------------------------------------
 def test_task_1_left_pad_layout(impl):
     tokens, left_padding = impl.batched.left_pad([[1, 2, 3], [5], [7, 8]])
+    assert isinstance(left_padding, list) and all(type(p) is int for p in left_padding), (
+        f"left_padding must be a list of python ints (BatchKVCache takes it), got {left_padding!r}"
+    )
     assert list(left_padding) == [0, 2, 1], (
         f"left_padding[i] must be L - len(prompt i) with L the longest prompt (3): expected "
         f"[0, 2, 1], got {list(left_padding)}"
@@ -79,9 +98,10 @@ def test_task_1_left_pad_layout(impl):
 
 
 def test_task_1_left_pad_errors(impl):
-    with pytest.raises(ValueError, match="1"):  # the message names the empty row
+    with raises(ValueError, "an empty prompt must be refused with a ValueError naming its row "
+                "(here row 1): every row needs at least one token", match="1"):
         impl.batched.left_pad([[1, 2], [], [3]])
-    with pytest.raises(ValueError):
+    with raises(ValueError, "an empty batch (no prompts) must be refused with a ValueError"):
         impl.batched.left_pad([])
 
 
@@ -93,11 +113,11 @@ def test_task_1_left_padded_prefill_matches_each_prompt(impl, pair, markov_model
     cache = [BatchKVCache(left_padding) for _ in target.layers]
     logits = np.array(target(tokens, cache=cache)[:, -1])  # [B, V]
     for i, prompt in enumerate(PROMPTS):
-        assert np.allclose(logits[i], fresh_next_logits(target, list(prompt)), atol=1e-4), (
+        assert_close(logits[i], fresh_next_logits(target, list(prompt)), (
             f"{pair}, row {i} (prompt length {len(prompt)}): the last column of a left-padded "
             "batched prefill must equal that prompt's own next-token logits. Check that padding "
             "is on the left and left_padding counts it"
-        )
+        ))
     offsets = cache[0].offset.tolist()
     assert offsets == [len(p) for p in PROMPTS], (
         f"after the prefill each row's offset is its prompt length; got {offsets}: is "
@@ -114,9 +134,16 @@ def padded_batch(prompts):
     return mx.array(rows, dtype=mx.int32), left_padding
 
 
-def check_rows(model, cache, sequences, feed, where):
-    """Feed one column block `feed` [B, U] and compare each row with a fresh unbatched prefill."""
+def check_rows(model, cache, sequences, feed, where, sizes):
+    """Feed one column block `feed` [B, U] and compare each row with a fresh unbatched prefill.
+
+    sizes: every layer's size() before the rollback (it must not change)."""
     B, U = len(sequences), len(feed[0])
+    assert [layer.size() for layer in cache] == sizes, (
+        f"{where}: rollback_rows must not change any layer's size() (the last used column): "
+        f"it was {sizes}, now {[layer.size() for layer in cache]}. The kept entries stay where "
+        "they end; the freed columns at the front become left padding"
+    )
     offsets = cache[0].offset.tolist()
     expected = [len(s) for s in sequences]
     assert offsets == expected, (
@@ -133,11 +160,11 @@ def check_rows(model, cache, sequences, feed, where):
     logits = np.array(model(mx.array(feed, dtype=mx.int32), cache=cache)[:, -1])
     for i in range(B):
         want = fresh_next_logits(model, sequences[i] + list(feed[i]))
-        assert np.allclose(logits[i], want, atol=1e-4, rtol=1e-4), (
+        assert_close(logits[i], want, (
             f"{where}, row {i}: after rollback_rows, feeding {list(feed[i])} must give the same "
             "logits as a fresh prefill of the row's kept tokens + those — the row holds the "
             "wrong entries, or its mask/RoPE offset is off (see the picture in the chapter)"
-        )
+        ))
     for i in range(B):
         sequences[i] += list(feed[i])
 
@@ -154,29 +181,45 @@ def test_task_2_rollback_rows_each_row_its_own_amount(impl, pair, markov_models,
     model(mx.array(extra, dtype=mx.int32), cache=cache)
     sequences = [p + e for p, e in zip(prompts, extra)]
     drops = [5, 0, 6, 4]  # row 0 to empty; row 2 reaches into its prompt
+    sizes = [layer.size() for layer in cache]
     impl.batched.rollback_rows(cache, drops)
     sequences = [s[: len(s) - d] for s, d in zip(sequences, drops)]
-    check_rows(model, cache, sequences, [[3], [8], [10], [1]], f"{pair}, round 1, drops {drops}")
+    check_rows(model, cache, sequences, [[3], [8], [10], [1]], f"{pair}, round 1, drops {drops}", sizes)
 
     model(mx.array([[9, 4], [2, 2], [0, 1], [11, 3]], dtype=mx.int32), cache=cache)
     sequences = [s + e for s, e in zip(sequences, [[9, 4], [2, 2], [0, 1], [11, 3]])]
     drops = [1, 3, 0, 2]
+    sizes = [layer.size() for layer in cache]
     impl.batched.rollback_rows(cache, drops)
     sequences = [s[: len(s) - d] for s, d in zip(sequences, drops)]
-    check_rows(model, cache, sequences, [[1, 6], [7, 7], [5, 3], [4, 4]], f"{pair}, round 2")
+    check_rows(model, cache, sequences, [[1, 6], [7, 7], [5, 3], [4, 4]], f"{pair}, round 2", sizes)
 
 
-def test_task_2_rollback_rows_checks_before_changing(impl, markov_models):
-    _, model = markov_models
+def test_task_2_rollback_rows_checks_before_changing(impl, llama_models):
+    _, model = llama_models
     tokens, left_padding = padded_batch([[1, 2, 3], [4]])
     cache = [BatchKVCache(left_padding) for _ in model.layers]
     model(tokens, cache=cache)
-    for bad in ([0, 2], [-1, 0], [1]):  # row 1 holds 1 entry; a negative count; a missing row
-        with pytest.raises(ValueError):
+
+    def state():
+        return [(c.offset.tolist(), c.left_padding.tolist(), c.size(), np.array(c.keys),
+                 np.array(c.values)) for c in cache]
+
+    before = state()
+    # (counts, what the message must name): row 1 holds 1 entry (row 0's count 2 is fine, so a
+    # row-by-row loop would already have rolled row 0); a negative count; a missing row.
+    for bad, named in (([2, 2], r"\b1\b|2"), ([-1, 0], "-1"), ([1], r"\b1\b|\b2\b")):
+        with raises(ValueError, f"rollback_rows(cache, {bad}) must raise ValueError naming the "
+                    "bad row or count: need one count per row with 0 <= num_to_drop[i] <= "
+                    "offset[i]", match=named):
             impl.batched.rollback_rows(cache, bad)
-        assert cache[0].offset.tolist() == [3, 1], (
-            f"rollback_rows({bad}) must raise ValueError before changing the cache"
-        )
+        for layer, (b, a) in enumerate(zip(before, state())):
+            same = b[:3] == a[:3] and np.array_equal(b[3], a[3]) and np.array_equal(b[4], a[4])
+            assert same, (
+                f"rollback_rows(cache, {bad}) changed layer {layer} before raising: check every "
+                "count first, then change the cache (offsets, left_padding, keys and values "
+                "must be untouched by a refused call)"
+            )
 
 
 # Task 3: draft_batch ------------------------------------------------------------------------------
@@ -193,13 +236,18 @@ def test_task_3_draft_batch_greedy_rows_match_unbatched(impl, use_ref, pair, mar
     tokens, left_padding = padded_batch(prompts)
     cache = [BatchKVCache(left_padding) for _ in draft.layers]
     K = 3
-    draft_tokens, q_draft = impl.batched.draft_batch(draft, cache, tokens, K)
+    counter = CallCounter(draft)
+    draft_tokens, q_draft = impl.batched.draft_batch(counter, cache, tokens, K)
+    assert counter.calls == K, (
+        f"draft_batch drafts K = {K} positions for all rows with K batched draft calls (one "
+        f"per drafted position, every row at once); the draft model was called {counter.calls} times"
+    )
     assert draft_tokens.shape == (len(prompts), K) and draft_tokens.dtype == mx.int32, (
         f"draft_tokens must be int32 [B, K] = [{len(prompts)}, {K}], got {draft_tokens.dtype} "
         f"{draft_tokens.shape}"
     )
-    assert q_draft.shape == (len(prompts), K, model_vocab_size(draft)), (
-        f"q_draft must be [B, K, V], got {q_draft.shape}"
+    assert q_draft.shape == (len(prompts), K, model_vocab_size(draft)) and q_draft.dtype == mx.float32, (
+        f"q_draft must be float32 [B, K, V], got {q_draft.dtype} {q_draft.shape}"
     )
     for b, prompt in enumerate(prompts):
         want = mlx_lm_greedy(draft, prompt, K)
@@ -239,13 +287,67 @@ def test_task_3_draft_batch_sampling_records_q(impl, use_ref, llama_models, key)
     for b, prompt in enumerate(prompts):
         for i in range(3):
             want = softmax(fresh_next_logits(draft, prompt + drafts[b][:i]))
-            assert np.allclose(q_draft[b, i], want, atol=1e-5), (
+            assert_close(q_draft[b, i], want, (
                 f"row {b}, draft {i}: q_draft[b, i] must be make_probs(logits, temperature) of the "
                 "draft's logits after the row's prompt and its earlier drafts (normalised over V)"
-            )
+            ))
             assert q_draft[b, i, drafts[b][i]] > 0, "a sampled draft must have q > 0"
-    with pytest.raises(ValueError):
+    with raises(ValueError, "draft_batch at temperature > 0 without a key must raise ValueError: "
+                "sampling takes its randomness from `key`, never from global state"):
         impl.batched.draft_batch(draft, cache, tokens[:, -1:], 2, 1.0, None)
+    with raises(ValueError, "draft_batch with num_tokens = 0 must raise ValueError: K >= 1"):
+        impl.batched.draft_batch(draft, cache, tokens[:, -1:], 0)
+
+
+def pooled_chisquare_pvalue(counts, probs):
+    """Chi-square p-value of counts against probs (float64, summing to 1); cells expecting fewer
+    than 5 samples are pooled into one, as the chi-square approximation needs."""
+    expected = probs * counts.sum()
+    rare = expected < 5
+    observed_cells = np.append(counts[~rare], counts[rare].sum())
+    expected_cells = np.append(expected[~rare], expected[rare].sum())
+    keep = expected_cells > 0
+    return scipy_stats.chisquare(observed_cells[keep], expected_cells[keep]).pvalue
+
+
+def test_task_3_consecutive_drafts_are_independent_draws(impl, use_ref):
+    """Every row drafts (d_1, d_2) at T = 0.5 from one flat Markov chain; 2,000 rows in ONE call
+    are 2,000 independent samples. The first draft must follow q(d_1), the pair q(d_1) q(d_2 | d_1).
+
+    False alarm: a correct draft_batch fails each of the two chi-square checks with probability
+    1e-4 (the p-value threshold), 2e-4 in all; the key is fixed, so the outcome never changes.
+    Power: reusing one key for both positions correlates the draws (P(d_1 = d_2) 0.19 instead
+    of 0.03 here), a pair p-value far below 1e-10; one key per row repeats the first draft.
+    """
+    use_ref(*SAMPLING)
+    flat = MarkovLM(mx.array(random_transitions(6, seed=2, concentration=1.0)))  # position-free
+    temperature, rows = 0.5, 2000
+    # Half the rows read token 4 after padding: the chain has no memory, so all rows share one law.
+    prompts = [[4] if r % 2 else [1, 3, 4] for r in range(rows)]
+    tokens, left_padding = padded_batch(prompts)
+    cache = [BatchKVCache(left_padding) for _ in flat.layers]
+    draft_tokens, _ = impl.batched.draft_batch(flat, cache, tokens, 2, temperature, mx.random.key(21))
+    drafts = np.array(draft_tokens)
+    q = np.array(flat.transitions[0], dtype=np.float64) ** (1 / temperature)
+    q /= q.sum(-1, keepdims=True)  # q[a] = make_probs at T = 0.5 after token a
+    q_first, q_pair = q[4], (q[4][:, None] * q).reshape(-1)
+    firsts = np.bincount(drafts[:, 0], minlength=6).astype(float)
+    pvalue = pooled_chisquare_pvalue(firsts, q_first)
+    assert pvalue > 1e-4, (
+        f"the first drafts of {rows} rows should follow q = make_probs(logits, T={temperature}) "
+        f"= {np.round(q_first, 3)}, observed {np.round(firsts / rows, 3)} (chi-square p-value "
+        f"{pvalue:.2g}). Sample all rows with one key per drafted position: sample_token draws "
+        "each row independently (do not give every row the same key)"
+    )
+    pairs = np.bincount(drafts[:, 0] * 6 + drafts[:, 1], minlength=36).astype(float)
+    pvalue = pooled_chisquare_pvalue(pairs, q_pair)
+    same, expected_same = np.mean(drafts[:, 0] == drafts[:, 1]), q_pair.reshape(6, 6).trace()
+    assert pvalue > 1e-4, (
+        f"consecutive drafts (d_1, d_2) should follow q(d_1) q(d_2 | d_1) (chi-square p-value "
+        f"{pvalue:.2g}; P(d_1 = d_2) is {same:.3f}, expected {expected_same:.3f}). Each drafted "
+        "position needs fresh randomness: split `key` once per drafted position — reusing one key "
+        "across positions makes consecutive drafts correlated"
+    )
 
 
 # Task 4: batched_speculative_decode ---------------------------------------------------------------
@@ -271,6 +373,9 @@ def test_task_4_greedy_rows_match_unbatched(impl, use_ref, pair, K, markov_model
         [list(p) for p in PROMPTS], draft, target, max_tokens=max_tokens, lookahead=K, stats=stats
     )
     assert len(got) == len(PROMPTS), "return one list of tokens per prompt, in prompt order"
+    assert all(isinstance(g, list) and all(type(t) is int for t in g) for g in got), (
+        "return B lists of python ints (not mx.arrays or numpy ints)"
+    )
     for i, (g, w) in enumerate(zip(got, want)):
         assert [int(t) for t in g] == w, (
             f"{pair}, K={K}, row {i} (prompt length {len(PROMPTS[i])}): at temperature 0 every "
@@ -314,7 +419,8 @@ def test_task_4_identical_draft_is_always_accepted(
 
 
 def simulate_greedy_rounds(draft, target, prompts, max_tokens, lookahead):
-    """What a correct run does, replayed on the exact Markov tables: (row-rounds, accepted).
+    """What a correct run does, replayed on the exact Markov tables: (row-rounds, accepted, the
+    K of every batched round).
 
     Per round (K = max(1, min(lookahead, r - 1)), r = the most tokens a live row still needs),
     each live row drafts K greedy tokens from its own committed sequence, keeps the longest
@@ -326,9 +432,10 @@ def simulate_greedy_rounds(draft, target, prompts, max_tokens, lookahead):
         return int(np.argmax(table[(len(seq) - 1) % target.period, seq[-1]]))
 
     seqs, emitted = [list(p) for p in prompts], [0] * len(prompts)
-    live, rounds, accepted = list(range(len(prompts))), 0, 0
+    live, rounds, accepted, batch_ks = list(range(len(prompts))), 0, 0, []
     while live:
         K = max(1, min(lookahead, max(max_tokens - emitted[r] for r in live) - 1))
+        batch_ks.append(K)
         for r in list(live):
             drafts = []
             for _ in range(K):
@@ -342,7 +449,7 @@ def simulate_greedy_rounds(draft, target, prompts, max_tokens, lookahead):
             rounds, accepted = rounds + 1, accepted + n
             if emitted[r] == max_tokens:
                 live.remove(r)
-    return rounds, accepted
+    return rounds, accepted, batch_ks
 
 
 def test_task_4_draft_cache_follows_each_row(impl, use_ref, markov_models):
@@ -352,10 +459,11 @@ def test_task_4_draft_cache_follows_each_row(impl, use_ref, markov_models):
     draft, target = markov_models
     prompts = [list(p) for p in PROMPTS]
     stats = SpecStats()
+    draft_counter, target_counter = CallCounter(draft), CallCounter(target)
     impl.batched.batched_speculative_decode(
-        prompts, draft, target, max_tokens=24, lookahead=3, stats=stats
+        prompts, draft_counter, target_counter, max_tokens=24, lookahead=3, stats=stats
     )
-    rounds, accepted = simulate_greedy_rounds(draft, target, prompts, 24, 3)
+    rounds, accepted, batch_ks = simulate_greedy_rounds(draft, target, prompts, 24, 3)
     assert 0 < accepted < 3 * rounds, "test setup: some drafts accepted, some rejected"
     assert (stats.rounds, stats.accepted) == (rounds, accepted), (
         f"a correct run has {rounds} row-rounds with {accepted} accepted drafts in all; this run "
@@ -364,6 +472,19 @@ def test_task_4_draft_cache_follows_each_row(impl, use_ref, markov_models):
         "each round the draft cache must drop the row's rejected drafts too (and be fed the "
         "tokens it has not seen). Also check K = max(1, min(lookahead, r - 1)) and that "
         "stats.record_round is called once per live row per round"
+    )
+    assert target_counter.calls == len(batch_ks), (
+        f"one batched target call per round: a correct run has {len(batch_ks)} rounds (K per "
+        f"round {batch_ks}), the target was called {target_counter.calls} times"
+    )
+    assert draft_counter.calls == stats.draft_calls == sum(batch_ks), (
+        f"one batched draft call per drafted position, K per round {batch_ks}: expected "
+        f"{sum(batch_ks)} draft calls, the draft model was called {draft_counter.calls} times and "
+        f"stats.draft_calls is {stats.draft_calls} (add K per round)"
+    )
+    assert stats.draft_time_s > 0 and stats.verify_time_s > 0, (
+        "stats.draft_time_s and stats.verify_time_s: add the wall time of every round's drafting "
+        f"and verifying; got {stats.draft_time_s} and {stats.verify_time_s}"
     )
 
 
@@ -394,9 +515,11 @@ def test_task_4_rows_leave_at_eos_and_max_tokens(impl, use_ref, identical_llama_
 def test_task_4_checks_its_arguments(impl, use_ref, markov_models):
     use_ref(*EARLIER_TASKS)
     draft, target = markov_models
-    with pytest.raises(ValueError):
+    with raises(ValueError, "lookahead=0 must be refused with a ValueError: K counts drafted "
+                "tokens, K >= 1"):
         impl.batched.batched_speculative_decode([[1, 2]], draft, target, lookahead=0)
-    with pytest.raises(ValueError):
+    with raises(ValueError, "temperature > 0 without a key must be refused with a ValueError: "
+                "sampling takes its randomness from `key`"):
         impl.batched.batched_speculative_decode([[1, 2]], draft, target, temperature=1.0)
 
 

@@ -10,10 +10,12 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.models.cache import ArraysCache, KVCache
 from scipy import stats as scipy_stats
 
 from specdec.kit.models import markov_pair
 from specdec.kit.stats import SpecStats
+from support import raises
 
 CHAPTER = "book/src/week3-03-ngram-drafting.md"
 EARLIER = ("drafters.find_ngram_continuation",)
@@ -56,6 +58,9 @@ def test_task_1_find_ngram_continuation(impl, history, max_ngram, min_ngram, num
         f"num_tokens={num_tokens}) = {got}, expected {expected}: {why} ({CHAPTER}, Task 1)"
     )
     assert history == before, "find_ngram_continuation must not modify the history it searches"
+    assert isinstance(got, list) and all(type(t) is int for t in got), (
+        f"find_ngram_continuation returns a list of python ints, got {got!r}"
+    )
 
 
 # Task 2 -----------------------------------------------------------------------------------------
@@ -89,11 +94,16 @@ def test_task_2_draft_proposes_and_keeps_the_cache_invariant(impl, use_ref, key)
     assert draft_tokens.tolist() == [6], "with no match, propose the single token [history[-1]]"
     one_hot_check(draft_tokens, q_draft, 16)
     assert drafter.history == [2, 4, 6]
-    for bad in [dict(num_tokens=0), dict(vocab_size=None), dict(unseen=[])]:
+    for bad, why, named in [
+        (dict(num_tokens=0), "num_tokens = 0: there is nothing to propose, K >= 1", None),
+        (dict(vocab_size=None), "vocab_size is None: q_draft needs V — the message should say "
+         "to set vocab_size or wrap the drafter in a DrafterDecoder", "vocab_size|DrafterDecoder"),
+        (dict(unseen=[]), "no unseen tokens: every round feeds at least one", None),
+    ]:
         drafter = impl.drafters.NgramDrafter(vocab_size=bad.get("vocab_size", 16))
-        with pytest.raises(ValueError):
+        with raises(ValueError, f"NgramDrafter.draft must raise ValueError for {bad}: {why}",
+                    match=named):
             drafter.draft(mx.array(bad.get("unseen", [1, 2]), dtype=mx.int32), bad.get("num_tokens", 2))
-            pytest.fail(f"draft must raise ValueError for {bad}")
 
 
 def test_task_2_history_across_rounds(impl, ref, use_ref):
@@ -153,6 +163,9 @@ def test_task_3_checks_and_learns_the_vocabulary(impl, use_ref, llama_models):
     assert decoder.vocab_size == 64 and decoder.drafter.vocab_size == 64, (
         "a drafter without a vocabulary learns V from the target"
     )
+    assert decoder.target_model is target and decoder.lookahead == 4, (
+        "DrafterDecoder keeps `target_model` and `lookahead` (speculative_generate reads them)"
+    )
     assert decoder.draft_cache is decoder.drafter.cache, "draft_cache is the drafter's cache list"
     decoder.draft_generation(mx.array([1, 2, 1], dtype=mx.int32), 2)
     target(mx.array([[1, 2, 1]]), cache=decoder.target_cache)
@@ -160,34 +173,80 @@ def test_task_3_checks_and_learns_the_vocabulary(impl, use_ref, llama_models):
     assert decoder.drafter.history == [] and decoder.target_cache[0].offset == 0, (
         "reset() must empty the drafter's history and give the target a fresh cache"
     )
-    for drafter, lookahead in [(impl.drafters.NgramDrafter(vocab_size=32), 4), (impl.drafters.NgramDrafter(), 0)]:
-        with pytest.raises(ValueError):
-            impl.drafters.DrafterDecoder(drafter, target, lookahead)
-            pytest.fail("a vocab mismatch or lookahead < 1 must raise ValueError")
+    with raises(ValueError, "a drafter with V = 32 and a target with V = 64 must be refused "
+                "with a ValueError naming both vocabularies: the drafter must propose the "
+                "target's token ids", match=r"32.*64|64.*32"):
+        impl.drafters.DrafterDecoder(impl.drafters.NgramDrafter(vocab_size=32), target, 4)
+    with raises(ValueError, "lookahead = 0 must be refused with a ValueError: K >= 1"):
+        impl.drafters.DrafterDecoder(impl.drafters.NgramDrafter(), target, 0)
 
 
-class TooEager:
-    """A drafter that breaks the contract: it returns one token more than it was asked for."""
+class StuckDrafter:
+    """A drafter whose state cannot be rolled back (like a state-space model's ArraysCache)."""
 
     vocab_size = 64
 
-    def __init__(self):
+    def reset(self):
+        self.cache = [ArraysCache(size=2)]
+
+    def draft(self, unseen_tokens, num_tokens, temperature=0.0, key=None):
+        raise AssertionError("never called")
+
+
+class StuckTarget:
+    """A target model whose cache has a layer that cannot be trimmed."""
+
+    def __init__(self, inner):
+        self.inner, self.vocab_size = inner, 64
+
+    def __call__(self, inputs, cache=None):
+        return self.inner(inputs, cache=None if cache is None else cache[:1])
+
+    def make_cache(self):
+        return [KVCache(), ArraysCache(size=2)]
+
+
+def test_task_3_refuses_caches_that_cannot_be_trimmed(impl, use_ref, llama_models):
+    target = llama_models[1]
+    with raises(ValueError, "the drafter's cache (made by its reset()) holds an ArraysCache, "
+                "which cannot be trimmed: DrafterDecoder must refuse it with a ValueError, since "
+                "rejected drafts must be rolled back"):
+        impl.drafters.DrafterDecoder(StuckDrafter(), target, 4)
+    use_ref(*DRAFTER)
+    with raises(ValueError, "the target's cache holds an ArraysCache, which cannot be trimmed: "
+                "DrafterDecoder must refuse it with a ValueError"):
+        impl.drafters.DrafterDecoder(impl.drafters.NgramDrafter(), StuckTarget(target), 4)
+
+
+class Misbehaving:
+    """A drafter that breaks the contract: it returns `extra` tokens more than it was asked for,
+    and a q_draft of `q_width` columns."""
+
+    vocab_size = 64
+
+    def __init__(self, extra=1, q_width=64):
         self.cache = []  # no state to roll back: an empty cache list is allowed
+        self.extra, self.q_width = extra, q_width
 
     def reset(self):
         pass
 
     def draft(self, unseen_tokens, num_tokens, temperature=0.0, key=None):
-        tokens = mx.zeros((num_tokens + 1,), dtype=mx.int32)
-        return tokens, mx.zeros((num_tokens + 1, self.vocab_size), dtype=mx.float32)
+        k = num_tokens + self.extra
+        return mx.zeros((k,), dtype=mx.int32), mx.zeros((k, self.q_width), dtype=mx.float32)
 
 
-def test_task_3_checks_the_drafter_output(impl, llama_models):
-    decoder = impl.drafters.DrafterDecoder(TooEager(), llama_models[1], 3)
+@pytest.mark.parametrize("extra, q_width, what", [
+    (1, 64, "4 tokens for num_tokens = 3"),
+    (-3, 64, "no token at all (k' = 0)"),
+    (0, 32, "a q_draft of shape [3, 32] for V = 64"),
+])
+def test_task_3_checks_the_drafter_output(impl, llama_models, extra, q_width, what):
+    decoder = impl.drafters.DrafterDecoder(Misbehaving(extra, q_width), llama_models[1], 3)
     assert decoder.draft_cache == [], "any object with the Drafter attributes works, even cache=[]"
-    with pytest.raises(ValueError):
+    with raises(ValueError, f"the drafter returned {what}: draft_generation must refuse it with a "
+                "ValueError (need 1 <= k' <= num_tokens tokens and q_draft of shape [k', V])"):
         decoder.draft_generation(mx.array([1, 2], dtype=mx.int32), 3)
-        pytest.fail("draft_generation must refuse a drafter that returns more than num_tokens tokens")
 
 
 def test_task_3_model_drafter_matches_week_2(impl, ref, use_ref, llama_models):

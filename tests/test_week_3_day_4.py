@@ -12,11 +12,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
 from specdec.kit.models import tiny_llama, tiny_llama_pair
 from specdec.kit.stats import SpecStats
-from support import CallCounter, mlx_lm_greedy
+from support import CallCounter, mlx_lm_greedy, raises
 
 BOOK = "see book/src/week3-04-token-trees.md"
 PROMPT = [3, 9, 2, 7, 11, 4]
@@ -25,6 +25,27 @@ PROMPT = [3, 9, 2, 7, 11, 4]
 #                   a  b  c  d  e  f
 EXAMPLE_PARENTS = [-1, -1, 0, 0, 1, 2]
 EXAMPLE_TOKENS = [10, 20, 30, 40, 50, 60]
+
+
+# Floats are compared with a tolerance that fits the device. On the CPU a tree call and the
+# plain forwards agree to float32 rounding; a GPU may run float32 matmuls in TF32 (CUDA does),
+# which moves logits by up to ~1e-3 of their scale. Tokens, offsets and shapes are compared exactly.
+ON_CPU = mx.default_device().type == mx.cpu
+REL_TOL = 1e-5 if ON_CPU else 1e-2
+
+
+def tolerance(want) -> float:
+    """The largest |got - want| allowed: REL_TOL of the values' scale (at least 1)."""
+    return REL_TOL * max(1.0, float(np.abs(np.asarray(want, dtype=np.float64)).max()))
+
+
+def assert_close(got, want, message: str) -> None:
+    """max |got - want| <= tolerance(want), else fail with `message` and the numbers."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    error, bound = np.abs(got - want).max(), tolerance(want)
+    assert error <= bound, (
+        f"{message} (max |difference| {error:.2e}, allowed {bound:.2e} on {mx.default_device()})"
+    )
 
 
 def path_to(node, parents):
@@ -75,10 +96,13 @@ def test_task_1_tree_attention_mask(impl):
     )
     star = np.array(impl.tree.tree_attention_mask([-1, -1, -1]))
     assert (star == np.eye(3, dtype=bool)).all(), "siblings must not see each other"
-    with pytest.raises(ValueError):
-        impl.tree.tree_attention_mask([-1, 2, 0])  # a child listed before its parent
-    with pytest.raises(ValueError):
-        impl.tree.tree_attention_mask([0])  # a node that is its own parent
+    with raises(ValueError, "parents [-1, 2, 0] lists node 1's parent (2) after it: refuse it "
+                "with a ValueError naming the index — the tree must be flattened parents first",
+                match="1"):
+        impl.tree.tree_attention_mask([-1, 2, 0])
+    with raises(ValueError, "parents [0]: node 0 cannot be its own parent (parents[i] must be "
+                "in [-1, i)); refuse it with a ValueError naming the index", match="0"):
+        impl.tree.tree_attention_mask([0])
 
 
 def test_task_1_tree_depths(impl):
@@ -88,7 +112,8 @@ def test_task_1_tree_depths(impl):
         f"{list(depths)}; {BOOK}"
     )
     assert list(impl.tree.tree_depths([-1, 0, 1])) == [1, 2, 3]
-    with pytest.raises(ValueError):
+    with raises(ValueError, "tree_depths([-1, 5]): parents[1] = 5 is not in [-1, 1); refuse "
+                "it with a ValueError naming the index, as tree_attention_mask does", match="1"):
         impl.tree.tree_depths([-1, 5])
 
 
@@ -101,29 +126,35 @@ def test_task_2_tree_logits_equal_path_forwards(impl, use_ref, llama_models):
     _, target = llama_models
     cache = prefilled(target, PROMPT)
     ropes = [layer.self_attn.rope for layer in target.layers]
+    layers = list(cache)
     logits = impl.tree.tree_forward(target, cache, EXAMPLE_TOKENS, EXAMPLE_PARENTS)
-    assert logits.shape == (6, 64), f"one row of logits per tree node, [N, V]; got {logits.shape}"
+    assert logits.shape == (6, 64) and logits.dtype == mx.float32, (
+        f"one row of float32 logits per tree node, [N, V] = [6, 64]; got {logits.dtype} {logits.shape}"
+    )
     for j in range(len(EXAMPLE_TOKENS)):
         path_tokens = [EXAMPLE_TOKENS[i] for i in path_to(j, EXAMPLE_PARENTS)]
         expected = last_logits(target, PROMPT + path_tokens)
-        assert mx.allclose(logits[j], expected, atol=1e-4), (
+        assert_close(logits[j], expected, (
             f"node {j} (path {path_tokens}): the tree call's logits differ from a plain forward "
-            f"of prompt + path (max diff {mx.abs(logits[j] - expected).max().item():.2e}). Each "
-            "node must see the prefix and its ancestors only (the tree mask), and be rotated at "
-            f"position prefix_len + depth - 1 (its siblings share it); {BOOK}"
-        )
+            "of prompt + path. Each node must see the prefix and its ancestors only (the tree "
+            f"mask), and be rotated at position prefix_len + depth - 1 (its siblings share it); {BOOK}"
+        ))
     assert [c.offset for c in cache] == [len(PROMPT) + 6] * len(cache), (
         "after a tree call every cache layer holds the prefix + all N nodes"
+    )
+    assert all(a is b for a, b in zip(cache, layers)) and len(cache) == len(layers), (
+        "tree_forward must leave the cache list as it was (the same KVCache objects, with the "
+        "new entries in them): wrap the layers for the call, do not put the wrappers in the list"
     )
     assert all(layer.self_attn.rope is rope for layer, rope in zip(target.layers, ropes)), (
         "tree_forward must put every layer's original rope module back when it is done"
     )
     fresh = prefilled(target, PROMPT)
     after = target(mx.array([8])[None], cache=fresh)[0, -1]
-    assert mx.allclose(after, last_logits(target, PROMPT + [8]), atol=1e-5), (
+    assert_close(after, last_logits(target, PROMPT + [8]), (
         "after tree_forward the model must be its plain self again: a normal call must give "
         "normal logits"
-    )
+    ))
 
 
 def test_task_2_first_call_prefills_a_chain_with_the_tree(impl, use_ref, llama_models):
@@ -136,16 +167,16 @@ def test_task_2_first_call_prefills_a_chain_with_the_tree(impl, use_ref, llama_m
     logits = impl.tree.tree_forward(target, cache, PROMPT + EXAMPLE_TOKENS, parents)
     assert logits.shape == (P + 6, 64), f"expected [{P + 6}, 64] logits, got {logits.shape}"
     plain = target(mx.array(PROMPT)[None])[0]
-    assert mx.allclose(logits[:P], plain, atol=1e-4), (
+    assert_close(logits[:P], plain, (
         "a chain (parents -1, 0, 1, ...) fed by tree_forward must give a plain forward's logits"
-    )
+    ))
     for j in (0, 3, 5):
         path_tokens = [EXAMPLE_TOKENS[i] for i in path_to(j, EXAMPLE_PARENTS)]
         expected = last_logits(target, PROMPT + path_tokens)
-        assert mx.allclose(logits[P + j], expected, atol=1e-4), (
+        assert_close(logits[P + j], expected, (
             f"node {j}: wrong logits when the prompt and the tree share one call on an empty "
             f"cache (positions start at 0 then); {BOOK}"
-        )
+        ))
 
 
 class Unrotatable(nn.Module):
@@ -164,13 +195,22 @@ def test_task_2_refuses_unknown_rope_and_restores_on_error(impl, use_ref):
     use_ref(*TASK_1)
     model = tiny_llama(seed=5)
     model.layers[0].self_attn.rope = Unrotatable()
-    with pytest.raises(ValueError):
+    with raises(ValueError, "layer 0's rope is an Unrotatable: tree_forward cannot place it per "
+                "token, so it must refuse with a ValueError naming the module (and the fix)",
+                match="Unrotatable"):
         impl.tree.tree_forward(model, make_prompt_cache(model), [1, 2], [-1, -1])
 
     model = tiny_llama(seed=5)
+    with raises(ValueError, "a cache layer that is not a KVCache (here a RotatingKVCache) must "
+                "be refused with a ValueError naming it: the tree's entries must be plain, "
+                "trimmable KVCache entries", match="RotatingKVCache"):
+        cache = [RotatingKVCache(max_size=64) for _ in model.layers]
+        impl.tree.tree_forward(model, cache, [1, 2], [-1, -1])
+
     ropes = [layer.self_attn.rope for layer in model.layers]
     model.layers[1].mlp = Boom()
-    with pytest.raises(RuntimeError, match="boom"):
+    with raises(RuntimeError, "the model itself raised inside the tree call: let its error "
+                "through (after restoring the ropes)", match="boom"):
         impl.tree.tree_forward(model, make_prompt_cache(model), [1, 2], [-1, -1])
     assert all(layer.self_attn.rope is rope for layer, rope in zip(model.layers, ropes)), (
         "when the model raises inside a tree call, the original ropes must still be put back "
@@ -198,6 +238,39 @@ def brute_force_tree(model, prefix, widths):
     return tokens, parents
 
 
+def tree_mistake(model, prefix, widths, tokens, parents) -> str | None:
+    """Why (tokens, parents) is not the draft tree for `widths`, or None if it is.
+
+    Walks the tree level by level as brute_force_tree builds it: the next widths[d] nodes must be
+    children of the current node, and their tokens the draft's top widths[d] after the path to
+    it, most likely first. "Top" holds up to the device's float tolerance: on a GPU two nearly
+    tied tokens may rank either way, and the tree built on either ranking is right.
+    """
+    i, level = 0, [-1]
+    for d, width in enumerate(widths):
+        next_level = []
+        for node in level:
+            path_tokens = [tokens[k] for k in path_to(node, parents)] if node >= 0 else []
+            where = f"level {d + 1}, the children of {'the root' if node < 0 else f'node {node}'}"
+            if parents[i : i + width] != [node] * width:
+                return (f"{where}: expected {width} nodes with parent {node} at indices "
+                        f"{i}..{i + width - 1}, got parents {parents[i : i + width]}")
+            logits = np.array(last_logits(model, prefix + path_tokens), dtype=np.float64)
+            children, tol = tokens[i : i + width], tolerance(logits)
+            cutoff = np.sort(logits)[::-1][width - 1]  # the width-th largest logit
+            ranked = all(logits[a] >= logits[b] - tol for a, b in zip(children, children[1:]))
+            if len(set(children)) < width or min(logits[children]) < cutoff - tol or not ranked:
+                best = mx.argsort(-mx.array(logits)).tolist()[:width]
+                return (f"{where} (path {path_tokens}): got tokens {children}, but the draft's top "
+                        f"{width} after prompt + path are {best}, most likely first")
+            next_level += range(i, i + width)
+            i += width
+        level = next_level
+    if i != len(tokens):
+        return f"the tree has {len(tokens)} nodes, but widths {widths} make {i}"
+    return None
+
+
 @pytest.mark.parametrize("widths", [[2, 2, 1], [3, 1], [1, 1, 1]])
 def test_task_3_build_draft_tree(impl, use_ref, llama_models, widths):
     use_ref(*TASK_2)
@@ -206,13 +279,16 @@ def test_task_3_build_draft_tree(impl, use_ref, llama_models, widths):
     cache = prefilled(draft, seen)
     counter = CallCounter(draft)
     tokens, parents = impl.tree.build_draft_tree(counter, cache, unseen, widths)
-    expected_tokens, expected_parents = brute_force_tree(draft, PROMPT, widths)
-    assert (list(tokens), list(parents)) == (expected_tokens, expected_parents), (
-        f"widths {widths}: expected the tree (tokens, parents) = {expected_tokens}, "
-        f"{expected_parents}, got {list(tokens)}, {list(parents)}. Each node at level d gets "
-        "the draft's top widths[d] tokens after the path to it, most likely first, flattened "
-        f"level by level; {BOOK}"
-    )
+    tokens, parents = [int(t) for t in tokens], [int(p) for p in parents]
+    mistake = tree_mistake(draft, PROMPT, widths, tokens, parents)
+    if mistake is not None:
+        expected_tokens, expected_parents = brute_force_tree(draft, PROMPT, widths)
+        pytest.fail(
+            f"widths {widths}: expected the tree (tokens, parents) = {expected_tokens}, "
+            f"{expected_parents}, got {tokens}, {parents}. {mistake}. Each node at level d gets "
+            "the draft's top widths[d] tokens after the path to it, most likely first, flattened "
+            f"level by level; {BOOK}"
+        )
     assert counter.calls == len(widths), (
         f"one draft call per level: expected {len(widths)} calls, got {counter.calls}"
     )
@@ -220,17 +296,19 @@ def test_task_3_build_draft_tree(impl, use_ref, llama_models, widths):
         "afterwards the draft cache holds what it held + the unseen tokens: trim the tree away"
     )
     after = draft(mx.array([8])[None], cache=cache)[0, -1]
-    assert mx.allclose(after, last_logits(draft, PROMPT + [8]), atol=1e-4), (
+    assert_close(after, last_logits(draft, PROMPT + [8]), (
         "the draft cache's contents are wrong after build_draft_tree (a tree node left behind?)"
-    )
+    ))
 
 
 def test_task_3_rejects_bad_inputs(impl, use_ref, llama_models):
     use_ref(*TASK_2)
     draft, _ = llama_models
-    with pytest.raises(ValueError):
+    with raises(ValueError, "build_draft_tree with no unseen tokens must raise ValueError: the "
+                "root is the last unseen token, so there must be at least one"):
         impl.tree.build_draft_tree(draft, make_prompt_cache(draft), [], [2, 1])
-    with pytest.raises(ValueError):
+    with raises(ValueError, "widths [2, 0] must be refused with a ValueError: every level needs "
+                "a width >= 1"):
         impl.tree.build_draft_tree(draft, make_prompt_cache(draft), [1, 2], [2, 0])
 
 
@@ -261,6 +339,9 @@ def test_task_4_verify_tree_greedy(impl, choices, path, new_tokens):
     got_path, got_tokens = impl.tree.verify_tree_greedy(
         EXAMPLE_TOKENS, EXAMPLE_PARENTS, logits_choosing(choices)
     )
+    assert all(type(t) is int for t in list(got_path) + list(got_tokens)), (
+        f"path and new_tokens are python ints, got {got_path!r} and {got_tokens!r}"
+    )
     assert (list(got_path), list(got_tokens)) == (path, new_tokens), (
         f"target argmax per row (root first) {choices}: expected path {path} and tokens "
         f"{new_tokens}, got {list(got_path)} and {list(got_tokens)}. Walk down from the root, "
@@ -284,23 +365,33 @@ def test_task_5_commit_tree_path(impl, use_ref, llama_models, path):
     )
     fresh = prefilled(target, committed)
     for layer, (c, f) in enumerate(zip(cache, fresh)):
-        keys, fresh_keys = c.keys[..., : c.offset, :], f.keys[..., : f.offset, :]
-        assert mx.allclose(keys, fresh_keys, atol=1e-4), (
-            f"layer {layer}: the kept keys are not those of prefix + path in order; move each "
-            f"path node's entry (at prefix_len + node) to follow the prefix; {BOOK}"
-        )
+        for name in ("keys", "values"):
+            kept, want = getattr(c, name)[..., : c.offset, :], getattr(f, name)[..., : f.offset, :]
+            assert_close(kept, want, (
+                f"path {path}, layer {layer}: the kept {name} are not those of prefix + path in "
+                "order; move each path node's entry (at prefix_len + node) to follow the prefix, "
+                f"keys and values alike; {BOOK}"
+            ))
     next_logits = target(mx.array([8])[None], cache=cache)[0, -1]
-    assert mx.allclose(next_logits, last_logits(target, committed + [8]), atol=1e-4), (
+    assert_close(next_logits, last_logits(target, committed + [8]), (
         f"path {path}: the next token's logits must equal a fresh prefill of the committed tokens"
-    )
+    ))
 
 
 def test_task_5_rejects_a_short_cache(impl, use_ref, llama_models):
     use_ref(*TASK_2)
     _, target = llama_models
     cache = prefilled(target, [1, 2, 3])
-    with pytest.raises(ValueError):
+    with raises(ValueError, "a cache holding 3 entries cannot hold a tree of 5 nodes: "
+                "commit_tree_path must raise ValueError (call it right after the tree_forward "
+                "that scored the tree)"):
         impl.tree.commit_tree_path(cache, 5, [0])
+    assert [c.offset for c in cache] == [3] * len(cache), "a refused call must not trim the cache"
+    rotating = [RotatingKVCache(max_size=64) for _ in target.layers]
+    target(mx.array(PROMPT + EXAMPLE_TOKENS)[None], cache=rotating)
+    with raises(ValueError, "commit_tree_path needs plain KVCache layers: a RotatingKVCache must "
+                "be refused with a ValueError naming it", match="RotatingKVCache"):
+        impl.tree.commit_tree_path(rotating, len(EXAMPLE_TOKENS), [0])
 
 
 # Task 6 ------------------------------------------------------------------------------------------
@@ -383,3 +474,91 @@ def test_task_6_tree_beats_chain(impl, use_ref, ref):
         f"a branching tree should accept more per target call than a chain of the same depth: "
         f"tree {per_call[2]:.2f}, chain {per_call[1]:.2f} tokens per call; {BOOK}"
     )
+
+
+def tree_nodes(levels, branching):
+    """Nodes of a tree with widths [branching] * min(2, levels) + [1] * (levels - 2)."""
+    widths = [branching] * min(2, levels) + [1] * (levels - 2)
+    return sum(int(np.prod(widths[: d + 1])) for d in range(levels))
+
+
+class RoundSpy(CallCounter):
+    """A target that records, at each of its calls (one per round), how many draft calls came
+    before it and how many tokens the caller had received by then."""
+
+    def __init__(self, model, draft_counter, received):
+        super().__init__(model)
+        self.draft_counter, self.received, self.seen = draft_counter, received, []
+
+    def __call__(self, *args, **kwargs):
+        self.seen.append((self.draft_counter.calls, len(self.received)))
+        return super().__call__(*args, **kwargs)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 7, 13])
+@pytest.mark.parametrize("branching, depth", [(1, 4), (2, 4), (2, 3)])
+def test_task_6_tree_depth_capped_by_max_tokens(impl, use_ref, branching, depth, max_tokens):
+    """Each round's depth is max(1, min(depth, remaining - 1)), remaining = max_tokens - tokens
+    yielded so far: near the end no round drafts what max_tokens will cut off. A draft equal to
+    the target accepts whole paths, so rounds are long and the cap bites near the end.
+    """
+    use_ref(*TASK_5)
+    draft, target = tiny_llama_pair(seed=0, noise=0.0)
+    draft_counter, out = CallCounter(draft), []
+    target_spy, stats = RoundSpy(target, draft_counter, out), SpecStats()
+    for item in impl.tree.tree_speculative_generate(
+        draft_counter, target_spy, PROMPT, max_tokens, stats=stats, branching=branching, depth=depth
+    ):
+        out.append(item)
+    where = f"branching={branching}, depth={depth}, max_tokens={max_tokens}"
+    assert [t for t, _ in out] == mlx_lm_greedy(target, PROMPT, max_tokens), (
+        f"{where}: tree decoding must reproduce the target's greedy output exactly"
+    )
+    draft_calls, received = [d for d, _ in target_spy.seen], [r for _, r in target_spy.seen]
+    levels = [b - a for a, b in zip([0] + draft_calls[:-1], draft_calls)]
+    want = [max(1, min(depth, max_tokens - r - 1)) for r in received]
+    assert levels == want, (
+        f"{where}: draft calls (tree levels) per round {levels}, with {received} tokens yielded "
+        f"before each round; expected {want}. Each round caps the tree's depth at "
+        "max(1, min(depth, remaining - 1)), remaining = max_tokens - tokens yielded so far: "
+        "a deeper tree only drafts tokens that max_tokens will cut off"
+    )
+    assert draft_counter.calls == (draft_calls[-1] if draft_calls else 0), (
+        f"{where}: the draft was called {draft_counter.calls - draft_calls[-1]} times after the "
+        "last target call: no round may draft what it will not verify"
+    )
+    nodes = [tree_nodes(lv, branching) for lv in want]
+    assert stats.lookahead_per_round == nodes, (
+        f"{where}: tree nodes per round (stats.record_round's num_drafted) "
+        f"{stats.lookahead_per_round}, expected {nodes}: widths [branching, branching, 1, 1, "
+        "...] over the capped depth, one record_round per target call"
+    )
+    assert stats.draft_calls == draft_counter.calls, (
+        f"{where}: stats.draft_calls is {stats.draft_calls}, but the draft was called "
+        f"{draft_counter.calls} times: add the number of levels every round"
+    )
+    emitted = [b - a for a, b in zip(received, received[1:] + [len(out)])]
+    flags = []
+    for accepted, n in zip(stats.accepted_per_round, emitted):
+        flags += [True] * min(accepted, n) + [False] * (n - min(accepted, n))
+    assert [f for _, f in out] == flags, (
+        f"{where}: from_draft flags {[f for _, f in out]}, expected {flags}: True for the "
+        "accepted path's tokens, False for the target's bonus or correction token"
+    )
+    assert stats.accepted > 0, f"{where}: a draft equal to the target must have drafts accepted"
+
+
+def test_task_6_rejects_bad_arguments(impl, use_ref, llama_models):
+    use_ref(*TASK_5)
+    draft, target = llama_models
+    for kwargs, why in [
+        (dict(prompt_tokens=[]), "an empty prompt must be refused with a ValueError: the tree "
+         "hangs off the last committed token"),
+        (dict(branching=0), "branching=0 must be refused with a ValueError: every level has >= 1 child"),
+        (dict(depth=0), "depth=0 must be refused with a ValueError: the tree has >= 1 level"),
+    ]:
+        args = dict(prompt_tokens=PROMPT, max_tokens=4) | kwargs
+        with raises(ValueError, why):
+            # A generator runs nothing until asked for its first token: ask for it.
+            next(iter(impl.tree.tree_speculative_generate(draft, target, **args)))
+

@@ -105,7 +105,8 @@ def tree_forward(model, cache: list, tokens: Sequence[int], parents: Sequence[in
     Cache: grows by L and holds the nodes' keys/values in flattened order (roll back with
     `trim_prompt_cache` or keep one path with `commit_tree_path`).
     The model is restored afterwards, even on error: its layers' `rope` modules and the caches
-    are exactly as before (apart from the L new entries).
+    are exactly as before (apart from the L new entries): the `cache` list still holds the same
+    KVCache objects (wrap them for the call, never replace them in the list).
     Raises ValueError, naming the module and the fix, for a rope it cannot place per token
     (you must support `nn.RoPE`; the reference also takes mlx-lm's Llama3RoPE and YarnRoPE,
     which likewise hand `offset` to mx.fast.rope) or a cache layer that is not a KVCache.
@@ -254,7 +255,9 @@ def tree_speculative_generate(
     prompt_tokens: int [L], L >= 1 (ValueError if empty). max_tokens: yield at most this many.
     branching >= 1, depth >= 1 (ValueError otherwise): the tree has widths
     [branching, branching, 1, 1, ...] (`depth` levels; the first two levels branch), so
-    branching=1 is the chain of Week 2. Each round caps the depth at max(1, remaining - 1).
+    branching=1 is the chain of Week 2. Each round caps the depth at max(1, min(depth,
+    remaining - 1)), remaining = max_tokens - tokens yielded so far: no round drafts levels
+    that max_tokens would cut off (a round yields at most depth + 1 tokens).
     Each round: `build_draft_tree`, ONE target `tree_forward` on [target's unseen tokens, tree]
     (a chain of unseen tokens with the tree hanging off the last one; the first round also
     prefills the prompt), `verify_tree_greedy`, `commit_tree_path` on the target cache; the

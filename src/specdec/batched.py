@@ -88,8 +88,10 @@ def draft_batch(
     cache: the draft's per-layer `BatchKVCache` over B rows. inputs: int [B, U], U >= 1 — every
         row's unseen tokens, right-aligned (the left-padded prompts on the first round).
     num_tokens: K >= 1. temperature: 0 is greedy (argmax per row); > 0 samples from
-        `make_probs(logits, temperature)` and needs `key` — split it once per drafted position;
-        one key draws the whole batch, whose rows are independent. ValueError otherwise.
+        `make_probs(logits, temperature)` and needs `key` — split it once per drafted position,
+        so each position draws fresh randomness (reusing one key across positions correlates
+        consecutive drafts); one key draws the whole batch, whose rows are independent.
+        ValueError for num_tokens < 1, or temperature > 0 without a key.
     Returns (draft_tokens, q_draft):
         draft_tokens  int32 [B, K]
         q_draft       float32 [B, K, V], q_draft[b, i] the distribution draft_tokens[b, i] was
