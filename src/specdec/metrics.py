@@ -1,1 +1,304 @@
-"""Week 4 Day 2 — metrics: per round, per request, across requests (being written)."""
+"""Week 4 Day 2 — metrics: per round, per request, across requests, and an honest speed-up.
+
+Per round the loop already records K (drafted) and n (accepted) in a `SpecStats`. From those:
+acceptance per draft position, P(draft j accepted | the target reached it). Per request, a
+wrapper around the token stream (`measure`) stamps the clock: time to first token, tokens/s,
+draft and verify time per round. Across requests, `MetricsAggregator` pools requests into
+Prometheus counters and histograms named after vLLM's (`spec_decode_num_drafts`, ...). And the
+speed-up is measured against a plain decode timed on this machine, never an assumed constant.
+
+Positions are 0-based as in vLLM's `position` label: position j is the (j + 1)-th draft of a round.
+"""
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional, Union
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from specdec.kit.stats import SpecStats
+
+Rounds = Union[SpecStats, Iterable[tuple[int, int]]]
+
+
+# Task 1: acceptance per draft position ----------------------------------------------------------
+def position_counts(stats_or_rounds: Rounds) -> tuple[list[int], list[int]]:
+    """How many rounds reached each draft position, and how many accepted it.
+
+    stats_or_rounds: a SpecStats (its `lookahead_per_round` and `accepted_per_round`) or an
+    iterable of (K, n) pairs, one per round: K drafts proposed, n accepted (0 <= n <= K).
+    K = 0 is a plain round (the fallback's): it drafts nothing and adds nothing here.
+    Position j (0-based) is *reached* in a round iff K > j and n >= j: the target tests the
+    (j + 1)-th draft only if the j before it were all accepted. It is *accepted* iff n > j.
+    Returns (reached, accepted): two lists of ints of length max K over the rounds (0 if no round
+    drafted). Raises ValueError naming the round if K < 0 or n is not in [0, K].
+    """
+    raise NotImplementedError(
+        "Week 4 Day 2 Task 1: position_counts — see book/src/week4-02-metrics.md"
+    )
+
+
+def acceptance_per_position(stats_or_rounds: Rounds) -> list[float]:
+    """Entry j: P(draft j accepted | the target reached it) = accepted[j] / reached[j].
+
+    stats_or_rounds as in `position_counts`. Under the book's geometric model every entry has
+    expectation alpha. Positions no round reached are left out (no evidence either way): the list
+    stops before the first position with reached == 0, and is empty if no round drafted.
+    """
+    raise NotImplementedError(
+        "Week 4 Day 2 Task 1: acceptance_per_position — see book/src/week4-02-metrics.md"
+    )
+
+
+# Task 2: one request, timed ---------------------------------------------------------------------
+@dataclass
+class RequestMetrics:
+    """What one request did (provided). `measure` fills it in; times are seconds on its clock.
+
+    stats                the SpecStats the decoding loop fills for this request (a fresh one)
+    start_s              clock when the first token was asked for (None before)
+    first_token_s        clock when the first token arrived (None before)
+    end_s                clock when the last token arrived (None before)
+    tokens               tokens the stream yielded
+    first_round_tokens   tokens the first target call produced (they arrive together; for a
+                         stream that records no rounds, 1)
+    draft_time_per_round, verify_time_per_round   seconds, one entry per round of `stats`
+    """
+
+    stats: SpecStats = field(default_factory=SpecStats)
+    start_s: Optional[float] = None
+    first_token_s: Optional[float] = None
+    end_s: Optional[float] = None
+    tokens: int = 0
+    first_round_tokens: int = 0
+    draft_time_per_round: list[float] = field(default_factory=list)
+    verify_time_per_round: list[float] = field(default_factory=list)
+
+    @property
+    def ttft_s(self) -> Optional[float]:
+        """Time to first token: prefill plus the first round (None if no token came)."""
+        return None if self.first_token_s is None else self.first_token_s - self.start_s
+
+    @property
+    def total_s(self) -> float:
+        """Seconds from the request's start to its last token (0.0 if no token came)."""
+        return 0.0 if self.end_s is None else self.end_s - self.start_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        """End to end: tokens / total_s, prefill included (0.0 if not timed)."""
+        return self.tokens / self.total_s if self.total_s > 0 else 0.0
+
+    @property
+    def decode_tokens(self) -> int:
+        """Tokens after the first target call: the ones decoding speed is measured on."""
+        return max(self.tokens - self.first_round_tokens, 0)
+
+    @property
+    def decode_s(self) -> float:
+        """Seconds from the first token to the last (the decode phase, prefill excluded)."""
+        return 0.0 if self.end_s is None else self.end_s - self.first_token_s
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """decode_tokens / decode_s: the rate an honest speed-up compares (0.0 if not timed)."""
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        """Every field and derived figure, for JSON (per-round lists included)."""
+        s = self.stats
+        return dict(
+            ttft_s=self.ttft_s, total_s=self.total_s, tokens=self.tokens,
+            tokens_per_s=self.tokens_per_s, decode_tokens_per_s=self.decode_tokens_per_s,
+            drafted=s.drafted, accepted=s.accepted, alpha=s.alpha_estimate,
+            tokens_per_target_call=s.tokens_per_round, target_calls=s.target_calls,
+            fallback_rounds=s.fallback_rounds,
+            acceptance_per_position=acceptance_per_position(s),
+            draft_time_s=sum(self.draft_time_per_round), verify_time_s=sum(self.verify_time_per_round),
+            lookahead_per_round=list(s.lookahead_per_round),
+            accepted_per_round=list(s.accepted_per_round),
+            draft_time_per_round=list(self.draft_time_per_round),
+            verify_time_per_round=list(self.verify_time_per_round),
+        )
+
+    def summary(self) -> str:
+        """One line for people: speed, acceptance, per-position acceptance, plain rounds."""
+        s = self.stats
+        ttft = "-" if self.ttft_s is None else f"{self.ttft_s * 1e3:.1f} ms"
+        positions = " ".join(f"{a:.2f}" for a in acceptance_per_position(s)) or "-"
+        return (f"TTFT {ttft}, {self.tokens_per_s:.1f} tokens/s ({self.decode_tokens_per_s:.1f} after "
+                f"the first call), alpha {s.alpha_estimate:.2f}, {s.tokens_per_round:.2f} tokens/call, "
+                f"acceptance per position [{positions}], {s.fallback_rounds} plain rounds")
+
+
+def measure(stream: Iterable, metrics: "RequestMetrics", clock=time.perf_counter) -> Iterator:
+    """Yield `stream`'s items unchanged, filling `metrics` as they arrive.
+
+    stream: tokens from a decoding loop that fills `metrics.stats` (speculative_generate,
+    fallback_generate, ...); a plain stream that records nothing works too. The stream does not
+    start before the first item is asked for, so neither does the clock:
+      - at the first request for an item, start_s = clock(); ValueError if `metrics.stats`
+        already holds rounds (one fresh SpecStats per request);
+      - as each item arrives (before it is yielded): tokens += 1, end_s = clock(); for the first
+        one also first_token_s and first_round_tokens = stats.emitted (1 if stats.rounds == 0);
+      - whenever stats.rounds has grown since the last look (at each item, and once more when the
+        stream ends), append the growth of stats.draft_time_s and stats.verify_time_s to
+        draft_time_per_round / verify_time_per_round (split evenly if several rounds ended).
+    A caller that stops early (break) leaves metrics describing the items it took.
+    """
+    raise NotImplementedError(
+        "Week 4 Day 2 Task 2: measure — see book/src/week4-02-metrics.md"
+    )
+
+
+# Task 3: across requests, in Prometheus's format -------------------------------------------------
+TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ALPHA_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+TOKENS_PER_CALL_BUCKETS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+LOOKAHEAD_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 12, 16)
+
+
+class MetricsAggregator:
+    """Pools RequestMetrics across requests into Prometheus metrics (its own registry).
+
+    Attributes (set by the provided `__init__`; `add` updates them):
+        requests      list of the RequestMetrics added, in order
+        registry      a prometheus_client CollectorRegistry holding only this aggregator's metrics
+        baseline      the PlainBaseline given, or None
+      Counters (exported with the suffix _total):
+        requests_total    specdec_requests                  requests added
+        tokens            specdec_generation_tokens         tokens handed to callers
+        target_calls      specdec_target_calls              target calls (rounds, plain ones included)
+        fallback_rounds   specdec_fallback_rounds           plain rounds (K = 0)
+        num_drafts        specdec_spec_decode_num_drafts    rounds that drafted (K >= 1)
+        num_draft_tokens  specdec_spec_decode_num_draft_tokens       sum of K
+        num_accepted_tokens  specdec_spec_decode_num_accepted_tokens  sum of n
+        accepted_per_pos  specdec_spec_decode_num_accepted_tokens_per_pos{position="j"}
+        reached_per_pos   specdec_spec_decode_num_reached_per_pos{position="j"}
+        draft_seconds, verify_seconds    specdec_draft_seconds, specdec_verify_seconds
+        decode_tokens, decode_seconds    specdec_decode_tokens, specdec_decode_seconds
+      Histograms:
+        ttft              specdec_time_to_first_token_seconds     one per request with a token
+        e2e               specdec_e2e_request_latency_seconds     one per request with a token
+        alpha             specdec_request_alpha            one per request with a tested draft
+        tokens_per_call   specdec_request_tokens_per_target_call   one per request with a round
+        lookahead         specdec_spec_decode_lookahead    one observation per round: its K
+      Gauge (only with a baseline): specdec_plain_step_seconds = baseline.step_s
+    """
+
+    def __init__(self, baseline: Optional["PlainBaseline"] = None):
+        """A fresh registry with every metric above at zero (provided)."""
+        self.requests: list[RequestMetrics] = []
+        self.baseline = baseline
+        self.registry = registry = CollectorRegistry()
+
+        def counter(name: str, doc: str, labels: tuple = ()) -> Counter:
+            return Counter(f"specdec_{name}", doc, labels, registry=registry)
+
+        def histogram(name: str, doc: str, buckets: tuple) -> Histogram:
+            return Histogram(f"specdec_{name}", doc, buckets=buckets, registry=registry)
+
+        self.requests_total = counter("requests", "Requests measured")
+        self.tokens = counter("generation_tokens", "Tokens handed to callers")
+        self.target_calls = counter("target_calls", "Target model calls (rounds)")
+        self.fallback_rounds = counter("fallback_rounds", "Plain rounds (K = 0)")
+        self.num_drafts = counter("spec_decode_num_drafts", "Rounds that drafted (K >= 1)")
+        self.num_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens proposed")
+        self.num_accepted_tokens = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted")
+        self.accepted_per_pos = counter("spec_decode_num_accepted_tokens_per_pos",
+                                        "Drafts accepted at each position (0-based)", ("position",))
+        self.reached_per_pos = counter("spec_decode_num_reached_per_pos",
+                                       "Drafts tested at each position (0-based)", ("position",))
+        self.draft_seconds = counter("draft_seconds", "Seconds spent drafting")
+        self.verify_seconds = counter("verify_seconds", "Seconds spent in target calls")
+        self.decode_tokens = counter("decode_tokens", "Tokens after each request's first call")
+        self.decode_seconds = counter("decode_seconds", "Seconds from first to last token")
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token", TIME_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Request start to last token", TIME_BUCKETS)
+        self.alpha = histogram("request_alpha", "Per-request acceptance estimate", ALPHA_BUCKETS)
+        self.tokens_per_call = histogram("request_tokens_per_target_call", "Tokens per target call",
+                                         TOKENS_PER_CALL_BUCKETS)
+        self.lookahead = histogram("spec_decode_lookahead", "K per round (0 = plain)", LOOKAHEAD_BUCKETS)
+        if baseline is not None:
+            Gauge("specdec_plain_step_seconds", "Measured plain decode step",
+                  registry=registry).set(baseline.step_s)
+
+    def add(self, metrics: "RequestMetrics") -> None:
+        """Count one finished request into every metric of the class docstring.
+
+        Appends it to `requests`. Counters grow by the request's own totals (from metrics.stats
+        and the per-round time lists, and its decode_tokens / decode_s); per position j reached
+        at least once (`position_counts`), both per-position series grow (by 0 if none accepted).
+        Histograms observe: ttft and e2e (total_s) if a token came; alpha_estimate if a draft was
+        tested (accepted + rejections > 0); tokens per target call if a round ran; each round's K.
+        """
+        raise NotImplementedError(
+            "Week 4 Day 2 Task 3: MetricsAggregator.add — see book/src/week4-02-metrics.md"
+        )
+
+    def acceptance_per_position(self) -> list[float]:
+        """`acceptance_per_position` over every round of every request added (provided)."""
+        return acceptance_per_position(
+            [(k, n) for m in self.requests
+             for k, n in zip(m.stats.lookahead_per_round, m.stats.accepted_per_round)])
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Pooled decode rate: sum of decode_tokens / sum of decode_s (provided)."""
+        seconds = sum(m.decode_s for m in self.requests)
+        return sum(m.decode_tokens for m in self.requests) / seconds if seconds > 0 else 0.0
+
+    def prometheus_text(self) -> str:
+        """The registry in Prometheus's text exposition format (what a /metrics endpoint serves)."""
+        return generate_latest(self.registry).decode()
+
+
+# Task 4: an honest speed-up ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlainBaseline:
+    """A plain decoding step, measured here and now (provided): build it with
+    `measure_plain_baseline`, not by hand.
+
+    step_s   median seconds between consecutive tokens of a timed plain decode
+    steps    how many gaps were timed
+    """
+
+    step_s: float
+    steps: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Plain decoding speed: 1 / step_s."""
+        return 1.0 / self.step_s
+
+
+def measure_plain_baseline(plain_stream: Iterable, clock=time.perf_counter) -> "PlainBaseline":
+    """Time a plain decode: the median gap between consecutive tokens after the first.
+
+    plain_stream: tokens of a plain decoder on the machine, model and settings to compare with,
+    e.g. `generate_tokens(target, prompt, 17)` (Week 1 Day 2). Consume it all, stamping clock()
+    as each token arrives. The first token pays for the prompt's prefill, so it only starts the
+    clock: the gaps are between tokens 1 and 2, 2 and 3, ... Median, not mean: a stray slow step
+    cannot make plain decoding look slower than it is.
+    Returns PlainBaseline(step_s=median gap, steps=number of gaps). Raises ValueError if the
+    stream gave fewer than 2 tokens, or if the median gap is not > 0.
+    """
+    raise NotImplementedError(
+        "Week 4 Day 2 Task 4: measure_plain_baseline — see book/src/week4-02-metrics.md"
+    )
+
+
+def honest_speedup(measured, baseline: "PlainBaseline") -> float:
+    """Speculative decode speed over plain decode speed, both measured: the only speed-up to report.
+
+    measured: a RequestMetrics or a MetricsAggregator (anything with `decode_tokens_per_s`).
+    baseline: a PlainBaseline from `measure_plain_baseline` — TypeError for anything without its
+    `step_s` and `steps` (a bare number is an assumed step time: how speed-ups get invented).
+    Returns measured.decode_tokens_per_s * baseline.step_s (= that rate / plain tokens per second).
+    Raises ValueError if baseline.step_s <= 0, or if measured has no decode rate (0: every token
+    came with the first call, so there is nothing to time).
+    """
+    raise NotImplementedError(
+        "Week 4 Day 2 Task 4: honest_speedup — see book/src/week4-02-metrics.md"
+    )

@@ -18,6 +18,10 @@ class SpecStats:
     draft_calls   draft-model forward calls
     draft_time_s / verify_time_s   wall time spent drafting / verifying (0 if not timed)
     accepted_per_round, lookahead_per_round   one entry per round (for plots and adaptive K)
+
+    A plain round (K = 0: the Week 4 fallback decodes with the target alone) is recorded as
+    `record_round(0, 0, emitted)`: it counts as a target call, drafts nothing and rejects nothing,
+    so it leaves `alpha_estimate` untouched. `fallback_rounds` counts those rounds.
     """
 
     rounds: int = 0
@@ -44,6 +48,16 @@ class SpecStats:
     @property
     def target_calls(self) -> int:
         return self.rounds
+
+    @property
+    def fallback_rounds(self) -> int:
+        """Plain rounds (K = 0): target calls made without a draft, as the fallback does."""
+        return sum(1 for k in self.lookahead_per_round if k == 0)
+
+    @property
+    def speculative_rounds(self) -> int:
+        """Rounds that drafted at least one token (vLLM's `num_drafts`)."""
+        return self.rounds - self.fallback_rounds
 
     @property
     def acceptance_rate(self) -> float:
@@ -84,6 +98,8 @@ class SpecStats:
             alpha_estimate=self.alpha_estimate,
             mean_accepted_length=self.mean_accepted_length,
             tokens_per_round=self.tokens_per_round,
+            fallback_rounds=self.fallback_rounds,
+            speculative_rounds=self.speculative_rounds,
         )
         return d
 
