@@ -1,0 +1,187 @@
+"""Benchmark of Week 4 Day 3's fallback controller: does speculation ever lose to plain decoding?
+
+    python scripts/bench_fallback.py                       # all four regimes, 5 prompts, 128 tokens
+    python scripts/bench_fallback.py --regime batch8 --prompts 3 --max-tokens 64    # a short run
+
+Regimes (the embedded pair unless said otherwise, greedy, EOS ignored so lengths are equal):
+  openblas   OpenBLAS preloaded: speculation wins (the controller must keep >= 1.8x plain)
+  bundled    MLX's bundled CPU BLAS (SPECDEC_NO_OPENBLAS=1): a 5-token forward costs ~5 plain steps
+  batch8     8 prompts at once, OpenBLAS, against batched plain decoding
+  same-size  the target as its own draft (c ~ 1), OpenBLAS
+Each regime runs in its own process (LD_PRELOAD only acts at start), one thread per BLAS
+(OPENBLAS_NUM_THREADS=1). Per prompt, plain decoding, fixed K (controller off) and the controller
+(on) run interleaved in a rotating order, `--repeats` times after a warm-up; a prompt's ratio is
+median(plain seconds) / median(mode seconds), and a regime reports the median over prompts.
+Memory (the seed's production target "< 2x baseline"): peak MLX memory of one plain run and one
+speculative run; the baseline excludes the draft's weights, which sit in memory in both.
+Not a test: timings depend on the machine. The chapter quotes its output with the machine named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REGIMES = ["openblas", "bundled", "batch8", "same-size"]
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+
+
+def child(args) -> dict:
+    """Measure one regime in this process (its BLAS is whatever the parent preloaded)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from specdec.kit.cli import bench_prompts
+    from specdec.kit.loading import load_model, load_pair
+    from specdec.kit.stats import SpecStats
+    from specdec.kit.timing import blas_info
+    from specdec_ref.batched import batched_plain_decode, batched_speculative_decode
+    from specdec_ref.draft import SpeculativeDecoder
+    from specdec_ref.fallback import FallbackController, batched_fallback_decode, fallback_generate
+    from specdec_ref.generate import generate_tokens
+    from specdec_ref.speculative import speculative_generate
+
+    regime = args.child
+    if regime == "same-size":
+        target, tokenizer = load_model("tiny-code")
+        draft = target  # the target as its own draft: same weights, its own cache
+    else:
+        target, draft, tokenizer = load_pair("tiny-code", "tiny-code-draft")
+    batch = 8 if regime == "batch8" else 1
+    texts = bench_prompts("tiny-code", args.prompts * batch)
+    encoded = [list(tokenizer.encode(text)) for _, text in texts]
+    groups = [encoded[i * batch : (i + 1) * batch] for i in range(args.prompts)]
+    K = args.k
+
+    def run(mode: str, group: list[list[int]], max_tokens: int, stats=None):
+        if batch > 1:
+            if mode == "plain":
+                return batched_plain_decode(group, target, max_tokens)
+            if mode == "fixed":
+                return batched_speculative_decode(group, draft, target, max_tokens, lookahead=K, stats=stats)
+            return batched_fallback_decode(group, draft, target, FallbackController(initial_lookahead=K),
+                                           max_tokens, stats=stats)
+        prompt = mx.array(group[0], dtype=mx.int32)
+        if mode == "plain":
+            return [list(generate_tokens(target, prompt, max_tokens))]
+        decoder = SpeculativeDecoder(draft, target, lookahead=K)
+        if mode == "fixed":
+            return [[t for t, _ in speculative_generate(decoder, prompt, max_tokens, stats=stats)]]
+        return [[t for t, _ in fallback_generate(decoder, FallbackController(initial_lookahead=K), prompt,
+                                                 max_tokens, stats=stats)]]
+
+    modes = ["plain", "fixed", "fallback"]
+    for mode in modes:  # warm-up: kernels, allocator caches
+        run(mode, groups[0], 16)
+    rows = []
+    for g, group in enumerate(groups):
+        times = {m: [] for m in modes}
+        outputs, stats = {}, {}
+        for r in range(args.repeats):
+            order = modes[(g + r) % 3 :] + modes[: (g + r) % 3]  # rotate: no mode always goes first
+            for mode in order:
+                st = SpecStats()
+                start = time.perf_counter()
+                outputs[mode] = run(mode, group, args.max_tokens, st)
+                times[mode].append(time.perf_counter() - start)
+                stats[mode] = st
+        plain_s = statistics.median(times["plain"])
+        fb = stats["fallback"]
+        rows.append({
+            "prompt_tokens": sum(map(len, group)),
+            "fixed": plain_s / statistics.median(times["fixed"]),
+            "fallback": plain_s / statistics.median(times["fallback"]),
+            "alpha_fixed": stats["fixed"].alpha_estimate,
+            "acceptance_fixed": stats["fixed"].acceptance_rate,
+            "plain_rounds_fallback": sum(k == 0 for k in fb.lookahead_per_round) / max(fb.rounds, 1),
+            "identical": outputs["plain"] == outputs["fixed"] == outputs["fallback"],
+        })
+        print(f"  [{regime}] prompt {g + 1}/{len(groups)}: fixed {rows[-1]['fixed']:.2f}x, "
+              f"controller {rows[-1]['fallback']:.2f}x", file=sys.stderr, flush=True)
+
+    # Peak memory, plain vs speculative (the seed's "< 2x baseline usage").
+    draft_bytes = 0 if draft is target else sum(v.nbytes for _, v in tree_flatten(draft.parameters()))
+    peaks = {}
+    for mode in modes:
+        mx.synchronize()
+        mx.reset_peak_memory()
+        run(mode, groups[0], args.max_tokens)
+        peaks[mode] = mx.get_peak_memory()
+    baseline = peaks["plain"] - draft_bytes  # the draft's weights are resident in both runs
+    median = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
+    return {
+        "regime": regime,
+        "blas": blas_info()["blas"],
+        "device": str(mx.default_device()),
+        "batch": batch,
+        "k": K,
+        "prompts": args.prompts,
+        "max_tokens": args.max_tokens,
+        "repeats": args.repeats,
+        "speedup_fixed": median("fixed"),
+        "speedup_fallback": median("fallback"),
+        "alpha_fixed": median("alpha_fixed"),
+        "acceptance_fixed": median("acceptance_fixed"),
+        "plain_round_share_fallback": median("plain_rounds_fallback"),
+        "all_identical": all(r["identical"] for r in rows),
+        "peak_mb": {m: peaks[m] / 2**20 for m in modes},
+        "memory_vs_baseline": {m: peaks[m] / baseline for m in ("fixed", "fallback")},
+        "rows": rows,
+    }
+
+
+def parent(args) -> int:
+    regimes = REGIMES if args.regime == "all" else [args.regime]
+    results = []
+    for regime in regimes:
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env.pop("LD_PRELOAD", None)
+        if regime != "bundled":
+            if not os.path.exists(OPENBLAS):
+                print(f"skipping {regime}: {OPENBLAS} is not installed", file=sys.stderr)
+                continue
+            env["LD_PRELOAD"] = OPENBLAS
+        command = [sys.executable, __file__, "--child", regime, "--prompts", str(args.prompts),
+                   "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats), "--k", str(args.k)]
+        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
+        results.append(json.loads(done.stdout))
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    print(f"# {' '.join(['python', 'scripts/bench_fallback.py'] + sys.argv[1:])}")
+    print(f"# greedy, K = {args.k} (fixed) / initial K = {args.k} (controller), {args.max_tokens} tokens, "
+          f"{args.prompts} prompts (batches), median of {args.repeats} interleaved runs each")
+    print(f"{'regime':<10} {'BLAS':<9} {'B':>2} {'fixed K':>8} {'controller':>10} {'alpha':>6} "
+          f"{'plain rnds':>10} {'mem fixed':>9} {'mem ctrl':>8} {'identical':>9}")
+    for r in results:
+        blas = "OpenBLAS" if r["blas"].startswith("OpenBLAS") else "bundled"
+        print(f"{r['regime']:<10} {blas:<9} {r['batch']:>2} {r['speedup_fixed']:>7.2f}x "
+              f"{r['speedup_fallback']:>9.2f}x {r['alpha_fixed']:>6.3f} "
+              f"{r['plain_round_share_fallback']:>10.0%} {r['memory_vs_baseline']['fixed']:>8.2f}x "
+              f"{r['memory_vs_baseline']['fallback']:>7.2f}x {'yes' if r['all_identical'] else 'NO':>9}")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--regime", choices=["all"] + REGIMES, default="all")
+    p.add_argument("--prompts", type=int, default=5)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--k", type=int, default=4, help="fixed K, and the controller's initial K")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--child", choices=REGIMES, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    return parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
