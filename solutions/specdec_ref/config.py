@@ -1,1 +1,293 @@
-"""Week 4 Day 1 — configuration: one validated SpeculativeConfig (being written)."""
+"""Week 4 Day 1 — configuration: one frozen, validated `SpeculativeConfig` for the whole decoder.
+
+Every knob of the course in one place: the lookahead and its bounds, the adaptive policy, the
+sampling settings, the drafter, the batch, the fallback controller, the memory limit, the seed.
+A config that exists is valid: construction runs `validate()` and raises `ConfigError` listing
+EVERY problem at once, one line each, naming the field, the value and the fix. It round-trips
+through a dict and JSON, so a run can be saved, diffed and replayed; the CLI builds from it.
+"""
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+POLICIES = ("threshold", "heuristic", "goodput")  # Week 3 Day 1
+DRAFTERS = ("model", "ngram", "tree")  # Week 2 Day 1, Week 3 Days 3 and 4
+MAX_SEED = 2**64 - 1
+
+
+class ConfigError(ValueError):
+    """An invalid configuration. `problems`: every problem found, one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        count = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
+        super().__init__(f"{count} in SpeculativeConfig:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Everything the decoder and the CLI take, validated once (frozen: change it with
+    `dataclasses.replace(config, lookahead=6)`, which validates again).
+
+    lookahead        K: the fixed K, or the start of an adaptive / fallback run
+    min_lookahead    the smallest K an adaptive policy may pick (>= 1)
+    max_lookahead    the largest K an adaptive policy or the fallback controller may pick
+    adaptive         None (fixed K) or a Week 3 Day 1 policy: "threshold", "heuristic", "goodput"
+    window           rounds the threshold policy averages over (>= 1)
+    raise_above      threshold policy: K + 1 when the mean acceptance is above this
+    lower_below      threshold policy: K - 1 when it is below this (0 <= lower <= raise <= 1)
+    temperature      0 = greedy; > 0 samples (Week 1 Day 1)
+    top_k            keep the k most probable tokens; 0 = off
+    top_p            nucleus mass in (0, 1]; 1.0 = off
+    max_tokens       tokens to generate per prompt (>= 1)
+    drafter          "model" (a draft model), "ngram" (prompt lookup), "tree" (token trees)
+    max_ngram        n-gram drafter: longest suffix to look up
+    min_ngram        n-gram drafter: shortest suffix (1 <= min_ngram <= max_ngram)
+    tree_branching   tree drafter: children per node on its first two levels (depth = lookahead)
+    batch_size       prompts decoded together (Week 3 Day 2)
+    fallback         use the Week 4 Day 3 controller (K may drop to 0 = plain decoding)
+    fallback_window  rounds of history for the controller's estimates (>= 1)
+    fallback_margin  hysteresis in [0, 1): leave below 1 - margin, come back above 1 + margin
+    probe_every      while plain, try speculation again every this many tokens (>= 1)
+    memory_limit_mb  None, or a limit in MB (> 0) above which the decoder lowers K and the batch
+    seed             PRNG seed, 0 .. 2**64 - 1
+    check_contracts  check every core function's contract (Week 4 Day 1 contracts; slow)
+
+    Cross-field rules: min_lookahead <= lookahead <= max_lookahead; the tree drafter is greedy
+    only (temperature 0) and runs without an adaptive policy; batch_size > 1 runs the model
+    drafter with a fixed K (no adaptive policy).
+    """
+
+    lookahead: int = 4
+    min_lookahead: int = 1
+    max_lookahead: int = 8
+    adaptive: Optional[str] = None
+    window: int = 10
+    raise_above: float = 0.85
+    lower_below: float = 0.60
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_tokens: int = 128
+    drafter: str = "model"
+    max_ngram: int = 3
+    min_ngram: int = 1
+    tree_branching: int = 2
+    batch_size: int = 1
+    fallback: bool = True
+    fallback_window: int = 16
+    fallback_margin: float = 0.05
+    probe_every: int = 32
+    memory_limit_mb: Optional[float] = None
+    seed: int = 0
+    check_contracts: bool = False
+
+    def __post_init__(self):
+        problems = self.validate()
+        if problems:
+            raise ConfigError(problems)
+
+    def validate(self) -> list[str]:
+        """Every problem with this config, one string each; [] when it is valid.
+
+        Each problem names the field and its value, then ": ", then the fix, e.g.
+        "min_lookahead 6 > max_lookahead 4: swap them, or lower min_lookahead to at most 4".
+        Checks, all of them every time (never stop at the first problem):
+          - types: int fields hold ints (not bools, not floats, not strings); float fields hold
+            finite ints or floats (not bools, not NaN or inf); fallback and check_contracts hold
+            bools; adaptive is None or a str; memory_limit_mb is None or a finite number. A field
+            of the wrong type gets one problem, and the checks below skip it (never a TypeError);
+          - ranges: lookahead, min_lookahead, max_lookahead, window, max_tokens, max_ngram,
+            min_ngram, tree_branching, batch_size, fallback_window, probe_every >= 1;
+            top_k >= 0; 0 <= raise_above <= 1 and 0 <= lower_below <= 1; temperature >= 0;
+            0 < top_p <= 1; 0 <= fallback_margin < 1; memory_limit_mb > 0;
+            0 <= seed <= 2**64 - 1; adaptive in POLICIES; drafter in DRAFTERS;
+          - the cross-field rules of the class docstring, and lower_below <= raise_above.
+        """
+        problems, bad_type = type_problems(self)
+
+        def typed(*names: str) -> bool:  # may these fields be compared? (their type is right)
+            return not bad_type.intersection(names)
+
+        for name in ("lookahead", "min_lookahead", "max_lookahead", "window", "max_tokens",
+                     "max_ngram", "min_ngram", "tree_branching", "batch_size", "fallback_window",
+                     "probe_every"):
+            if typed(name) and getattr(self, name) < 1:
+                problems.append(f"{name} {getattr(self, name)} < 1: {_AT_LEAST_ONE[name]}")
+        if typed("top_k") and self.top_k < 0:
+            problems.append(f"top_k {self.top_k} < 0: use 0 to turn top-k off, or k >= 1 to keep "
+                            "the k most probable tokens")
+        for name in ("raise_above", "lower_below"):
+            if typed(name) and not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} {getattr(self, name)} is outside [0, 1]: it is a fraction "
+                                f"of drafts accepted (default {_DEFAULTS[name]})")
+        if typed("temperature") and self.temperature < 0:
+            problems.append(f"temperature {self.temperature} < 0: use 0 for greedy decoding or a "
+                            "positive value such as 0.7 to sample")
+        if typed("top_p") and not 0 < self.top_p <= 1:
+            problems.append(f"top_p {self.top_p} is outside (0, 1]: 1.0 turns nucleus filtering "
+                            "off, 0.9 keeps the most probable tokens up to 90% of the mass")
+        if typed("fallback_margin") and not 0 <= self.fallback_margin < 1:
+            problems.append(f"fallback_margin {self.fallback_margin} is outside [0, 1): it is a "
+                            "relative goodput margin such as 0.05")
+        if typed("memory_limit_mb") and self.memory_limit_mb is not None and self.memory_limit_mb <= 0:
+            problems.append(f"memory_limit_mb {self.memory_limit_mb} <= 0: use None for no limit "
+                            "or a positive size in MB such as 4096")
+        if typed("seed") and not 0 <= self.seed <= MAX_SEED:
+            problems.append(f"seed {self.seed} is outside 0 .. 2**64 - 1: any non-negative "
+                            "integer below 2**64 picks a reproducible random stream")
+        if typed("adaptive") and self.adaptive is not None and self.adaptive not in POLICIES:
+            problems.append(f"adaptive {self.adaptive!r} is not a policy: use None (fixed K) or "
+                            f"one of {_ALLOWED['adaptive']}")
+        if typed("drafter") and self.drafter not in DRAFTERS:
+            problems.append(f"drafter {self.drafter!r} is not a drafter: use one of {_ALLOWED['drafter']}")
+
+        # Cross-field rules.
+        if typed("min_lookahead", "max_lookahead") and self.min_lookahead > self.max_lookahead:
+            problems.append(f"min_lookahead {self.min_lookahead} > max_lookahead "
+                            f"{self.max_lookahead}: swap them, or lower min_lookahead to at most "
+                            f"{self.max_lookahead}")
+        elif typed("lookahead", "min_lookahead", "max_lookahead") and not (
+            self.min_lookahead <= self.lookahead <= self.max_lookahead
+        ):
+            problems.append(f"lookahead {self.lookahead} is outside [min_lookahead "
+                            f"{self.min_lookahead}, max_lookahead {self.max_lookahead}]: pick K "
+                            "inside the bounds, or widen them")
+        if typed("lower_below", "raise_above") and self.lower_below > self.raise_above:
+            problems.append(f"lower_below {self.lower_below} > raise_above {self.raise_above}: "
+                            "K would rise and fall at once; swap them")
+        if typed("min_ngram", "max_ngram") and self.min_ngram > self.max_ngram:
+            problems.append(f"min_ngram {self.min_ngram} > max_ngram {self.max_ngram}: swap them")
+        if typed("drafter", "temperature") and self.drafter == "tree" and self.temperature > 0:
+            problems.append(f"drafter 'tree' with temperature {self.temperature}: the tree drafter "
+                            "is greedy only; set temperature=0 or use drafter='model'")
+        if typed("drafter", "adaptive") and self.drafter == "tree" and self.adaptive is not None:
+            problems.append(f"drafter 'tree' with adaptive {self.adaptive!r}: the tree's depth "
+                            "is fixed; set adaptive=None or use drafter='model'")
+        if typed("batch_size", "drafter", "adaptive") and self.batch_size > 1 and (
+            self.drafter != "model" or self.adaptive is not None
+        ):
+            problems.append(f"batch_size {self.batch_size} with drafter {self.drafter!r} and "
+                            f"adaptive {self.adaptive!r}: batched decoding runs the model drafter "
+                            "with a fixed K; set drafter='model' and adaptive=None, or batch_size=1")
+        return problems
+
+    def to_dict(self) -> dict:
+        """{field name: value} for every field, in declaration order: plain Python values
+        (int, float, str, bool, None) that `json.dumps` accepts. A fresh dict each call."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SpeculativeConfig":
+        """The config `data` describes; fields it leaves out keep their defaults.
+
+        Raises ConfigError listing every problem at once: each unknown key (naming it, and the
+        closest field name if one is close, e.g. "unknown field 'lookahed': did you mean
+        'lookahead'?") together with every problem `validate` finds in the known fields.
+        `data` that is not a mapping is one problem too. `data` is not modified.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError([f"config {data!r} is {_a(data)}, not a dict: pass a dict of "
+                               "field names to values, e.g. {'lookahead': 4}"])
+        names = [f.name for f in dataclasses.fields(cls)]
+        problems = []
+        for key in data:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"the fields are {', '.join(names)}"
+                problems.append(f"unknown field {key!r}: {hint}")
+        try:
+            config = cls(**{k: v for k, v in data.items() if k in names})
+        except ConfigError as e:
+            problems += e.problems
+        if problems:
+            raise ConfigError(problems)
+        return config
+
+    def to_json(self) -> str:
+        """`to_dict()` as JSON text, one field per line (provided)."""
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SpeculativeConfig":
+        """The config of a JSON object (provided): `from_dict(json.loads(text))`.
+
+        Text that is not JSON raises ConfigError too, naming the line and column."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError([f"config text is not JSON ({e.msg} at line {e.lineno}, column "
+                               f"{e.colno}): write a JSON object such as {{\"lookahead\": 4}}"]) from None
+        return cls.from_dict(data)
+
+
+# What each field holds, for validate's type checks (provided).
+_KIND = {
+    "lookahead": "int", "min_lookahead": "int", "max_lookahead": "int",
+    "adaptive": "optional str", "window": "int", "raise_above": "float", "lower_below": "float",
+    "temperature": "float", "top_k": "int", "top_p": "float", "max_tokens": "int",
+    "drafter": "str", "max_ngram": "int", "min_ngram": "int", "tree_branching": "int",
+    "batch_size": "int", "fallback": "bool", "fallback_window": "int", "fallback_margin": "float",
+    "probe_every": "int", "memory_limit_mb": "optional float", "seed": "int",
+    "check_contracts": "bool",
+}
+_ALLOWED = {"adaptive": ", ".join(map(repr, POLICIES)), "drafter": ", ".join(map(repr, DRAFTERS))}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SpeculativeConfig)}
+_AT_LEAST_ONE = {
+    "lookahead": "K counts the tokens drafted per round (try 4)",
+    "min_lookahead": "an adaptive policy drafts at least one token (try 1)",
+    "max_lookahead": "the largest K a policy may pick (try 8)",
+    "window": "the threshold policy averages over at least one round (try 10)",
+    "max_tokens": "the number of tokens to generate (try 128)",
+    "max_ngram": "the longest suffix the n-gram drafter looks up (try 3)",
+    "min_ngram": "the shortest suffix the n-gram drafter looks up (try 1)",
+    "tree_branching": "children per node of the draft tree (1 is a chain; try 2)",
+    "batch_size": "the number of prompts decoded together (try 1)",
+    "fallback_window": "the controller estimates from at least one round (try 16)",
+    "probe_every": "tokens between two probes of speculation (try 32)",
+}
+
+
+def type_problems(config: "SpeculativeConfig") -> tuple[list[str], set[str]]:
+    """(problems, names): one problem per field whose value has the wrong type, and the names of
+    those fields, so that `validate` can skip comparing them (provided).
+
+    int fields must hold ints (not bools, floats or strings); float fields finite ints or floats
+    (not bools, NaN or inf); fallback and check_contracts bools; drafter a str; adaptive None or
+    a str; memory_limit_mb None or a finite number.
+    """
+    problems: list[str] = []
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), _KIND[f.name]
+        if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            problems.append(f"{f.name} {value!r} is {_a(value)}, not an int: write a whole number "
+                            f"such as {f.default}")
+        elif kind == "float" and not _is_number(value):
+            problems.append(f"{f.name} {value!r} is not a finite number: write a number such as "
+                            f"{f.default}")
+        elif kind == "bool" and not isinstance(value, bool):
+            problems.append(f"{f.name} {value!r} is {_a(value)}, not a bool: write True or False")
+        elif kind == "str" and not isinstance(value, str):
+            problems.append(f"{f.name} {value!r} is {_a(value)}, not a str: write one of "
+                            f"{_ALLOWED[f.name]}")
+        elif kind == "optional str" and value is not None and not isinstance(value, str):
+            problems.append(f"{f.name} {value!r} is {_a(value)}: write None or one of "
+                            f"{_ALLOWED[f.name]}")
+        elif kind == "optional float" and value is not None and not _is_number(value):
+            problems.append(f"{f.name} {value!r} is not a finite number: write None (no limit) "
+                            "or a size in MB such as 4096")
+    return problems, {p.split(" ", 1)[0] for p in problems}
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float, not a bool (provided)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _a(value: Any) -> str:
+    """'a str', 'an int', 'a NoneType', for messages (provided)."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
