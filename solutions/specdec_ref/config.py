@@ -14,18 +14,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from specdec.kit.errors import ConfigError
+
 POLICIES = ("threshold", "heuristic", "goodput")  # Week 3 Day 1
 DRAFTERS = ("model", "ngram", "tree")  # Week 2 Day 1, Week 3 Days 3 and 4
 MAX_SEED = 2**64 - 1
-
-
-class ConfigError(ValueError):
-    """An invalid configuration. `problems`: every problem found, one line each."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        count = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
-        super().__init__(f"{count} in SpeculativeConfig:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
 @dataclass(frozen=True)

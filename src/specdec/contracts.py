@@ -18,9 +18,7 @@ from typing import Callable, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-
-class ContractError(AssertionError):
-    """A function broke its documented contract; the message says what broke and the likely cause."""
+from specdec.kit.errors import ContractError
 
 
 def check_probs(probs: mx.array, name: str = "probs", axis: int = -1, atol: float = 1e-3) -> None:

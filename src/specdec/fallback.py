@@ -26,6 +26,7 @@ from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from specdec.kit.models import model_vocab_size
 from specdec.kit.stats import SpecStats
+from specdec.kit.errors import FallbackWarning
 
 from .batched import SHARED_PADDING_LIMIT, draft_batch, filter_rows, left_pad, make_batch_cache, rollback_rows
 from .sampling import make_probs, sample_token
@@ -34,10 +35,6 @@ from .theory import expected_tokens_per_round
 from .verify import verify_speculation
 
 MIN_ROUNDS = 4  # speculative rounds of evidence before alpha alone may end speculation
-
-
-class FallbackWarning(RuntimeWarning):
-    """A fault the decoder survived (draft failure, memory pressure, a cache that cannot roll back)."""
 
 
 class FallbackController:
