@@ -8,6 +8,8 @@ reference solution (`specdec_ref`) import it, so the reference never duplicates 
 - `impl`     pick the implementation under test: `ref` (solutions) or `student` (src)
 - `stats`    per-run speculative decoding statistics
 - `timing`   timers and BLAS detection for benchmarks
-- `cli`      the `specdec` command (generate, bench, grade, doctor)
+- `cli`      the `specdec` command: one module per subcommand (generate, bench, grade, doctor)
+             and `cli.common` for what generate and bench share (flags, checks, models, decoding)
+- `tasks`    the registry of the course's tasks: week, day, task, function, chapter
 - `grade`    the scoreboard behind `specdec grade`
 """

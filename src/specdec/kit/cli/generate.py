@@ -1,0 +1,165 @@
+"""`specdec generate`: decode one prompt (or a batch), colour-coding draft vs target tokens."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+from specdec.kit.cli.common import (BUILTIN_PROMPTS, DEFAULT_PROMPT, GREEN, RESET, Models,
+                                    acceptance_by_position, add_decoding_flags, blas_note,
+                                    describe_mode, fallback_off_reason, format_positions,
+                                    load_models, make_controller, make_key,
+                                    plain_stream, prepare, run_batched, speculative_stream)
+
+
+def add_parser(sub) -> None:
+    g = sub.add_parser("generate", help="decode one prompt, colour-coding draft vs target tokens")
+    add_decoding_flags(g)
+    g.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to continue")
+    g.add_argument("--plain", action="store_true", help="plain target decoding (no draft)")
+    g.add_argument("--no-color", action="store_true", help="no ANSI colours")
+    g.set_defaults(func=run)
+
+
+class Printer:
+    """Streams text as tokens arrive; accepted draft tokens in green, target tokens plain."""
+
+    def __init__(self, tokenizer, color: bool, out=None):
+        self.out = out or sys.stdout
+        self.color = color
+        self.detok = tokenizer.detokenizer if tokenizer is not None else None
+        self.count = 0
+
+    def _write(self, text: str, green: bool) -> None:
+        if text:
+            self.out.write(f"{GREEN}{text}{RESET}" if green and self.color else text)
+            self.out.flush()
+
+    def prompt(self, tokens: list[int]) -> None:
+        # Feeding the prompt through the detokenizer keeps spaces at the seam exactly right.
+        if self.detok is None:
+            self._write("prompt: " + " ".join(map(str, tokens)) + "\noutput:", False)
+            return
+        for t in tokens:
+            self.detok.add_token(t)
+        self.detok.finalize()
+        self._write(self.detok.last_segment, False)
+
+    def add(self, token: int, from_draft: bool) -> None:
+        self.count += 1
+        if self.detok is None:
+            self._write(f" {token}", from_draft)
+            return
+        self.detok.add_token(token)
+        self._write(self.detok.last_segment, from_draft)
+
+    def finish(self) -> None:
+        if self.detok is not None:
+            self.detok.finalize()
+            self._write(self.detok.last_segment, False)
+        self.out.write("\n")
+        self.out.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    import mlx.core as mx
+
+    from specdec.kit.stats import SpecStats
+
+    impl, config = prepare(args)
+    need_draft = not args.plain and config.drafter != "ngram"
+    models = load_models(args.target, args.draft, need_draft)
+    key = make_key(config)
+    color = not args.no_color and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    mode = "plain" if args.plain else describe_mode(config, fallback_off_reason(args))
+    print(f"# target {models.target_name}, draft {models.draft_name or '-'}, impl {impl.name}, "
+          f"{mode}, temperature {config.temperature}")
+    if config.fallback and config.temperature > 0:
+        print("# note: with the fallback controller, K follows timings measured as it runs, so one "
+              "--seed can give other (equally distributed) tokens from run to run; --no-fallback "
+              "repeats exactly")
+    if args.batch:
+        return generate_batch(impl, models, config, args.prompt, key)
+
+    prompt_ids = models.encode(args.prompt)
+    prompt = mx.array(prompt_ids, dtype=mx.int32)
+    if color and not args.plain:
+        print(f"# {GREEN}green{RESET}: draft tokens the target accepted; "
+              "default colour: the target's own tokens (corrections, bonus tokens, plain rounds)")
+    stats = SpecStats()
+    controller = None if args.plain else make_controller(impl, config)
+    start = time.perf_counter()
+    if args.plain:
+        stream = plain_stream(impl, models, prompt, config, key, models.eos_token_ids)
+    else:
+        stream = speculative_stream(impl, models, prompt, config, stats, key, models.eos_token_ids,
+                                    controller)
+    printer = Printer(models.tokenizer, color)
+    printer.prompt(prompt_ids)
+    for token, from_draft in stream:
+        printer.add(token, from_draft)
+    wall = time.perf_counter() - start
+    printer.finish()
+
+    print("# ---")
+    if args.plain:
+        print(f"# {printer.count} tokens in {printer.count} target calls (plain decoding)")
+    else:
+        print_run_stats(impl, stats, config, controller)
+    tps = printer.count / wall if wall > 0 else 0.0
+    print(f"# {tps:.1f} tokens/s, wall {wall:.2f} s (prefill included); {blas_note()}")
+    return 0
+
+
+def print_run_stats(impl, stats, config, controller, per: str = "") -> None:
+    """The summary lines of a speculative run: counts, per-position acceptance, K, fallback."""
+    summary = stats.summary()
+    print(f"# {per}{summary.replace('target calls', 'row-rounds') if per else summary}")
+    if config.drafter != "tree":  # a tree's K counts nodes, not positions along one chain
+        print(f"# acceptance by draft position, P(accept i | reached i): "
+              f"{format_positions(acceptance_by_position(impl, stats))}")
+    ks = stats.lookahead_per_round
+    if ks and (config.adaptive or controller is not None):
+        print(f"# lookahead per round: mean {statistics.mean(ks):.2f}, min {min(ks)}, max {max(ks)}")
+    if controller is not None:
+        rounds = "row-rounds" if per else "rounds"
+        print(f"# fallback: {stats.fallback_rounds} of {stats.rounds} {rounds} plain (K = 0)")
+        for fault in getattr(controller, "faults", []):
+            print(f"# fallback survived: {fault}")
+
+
+def batch_prompt_texts(first: str, n: int) -> list[str]:
+    others = [p for p in BUILTIN_PROMPTS if p != first]
+    return [first] + [others[i % len(others)] for i in range(n - 1)]
+
+
+def generate_batch(impl, models: Models, config, first_prompt: str, key) -> int:
+    from specdec.kit.stats import SpecStats
+
+    texts = batch_prompt_texts(first_prompt, config.batch_size)
+    rows = [models.encode(t) for t in texts]
+    stats = SpecStats()
+    controller = make_controller(impl, config)
+    start = time.perf_counter()
+    outputs = run_batched(impl, models, rows, config, key, stats, models.eos_token_ids,
+                          "fallback" if controller is not None else "speculative", controller)
+    wall = time.perf_counter() - start
+    total = 0
+    for i, (prompt_ids, out) in enumerate(zip(rows, outputs)):
+        out = [int(t) for t in out]
+        total += len(out)
+        print(f"# --- row {i} ({len(out)} tokens)")
+        if models.tokenizer is None:
+            print(models.decode(prompt_ids) + " |" + " " + models.decode(out))
+        else:
+            print(models.decode(prompt_ids + out))
+    print("# ---")
+    # The batched loops record one round per live row per batched call: "target calls" in the
+    # summary are row-rounds, so tokens/call reads per row, as in unbatched decoding.
+    print_run_stats(impl, stats, config, controller, per="per row: ")
+    print(f"# {total} tokens over {len(rows)} rows, {total / wall:.1f} tokens/s, wall {wall:.2f} s; "
+          f"{blas_note()}")
+    return 0
