@@ -4,8 +4,9 @@ Speculative decoding only pays when E(alpha, K) / (K * c + v(K)) > 1 (Week 2 Day
 where a tiny draft costs as much per call as the target, with a slow BLAS where a K-token verify
 costs K plain steps, or at batch 8, it loses. A `FallbackController` picks K in {0, 1, ..., K_max}
 every round from estimates measured on this machine, where K = 0 means a plain round: one target
-call, one token. It leaves speculation when its best predicted goodput falls below 1 - margin,
-comes back above 1 + margin (hysteresis), and probes now and then while plain.
+call, one token. It leaves speculation as soon as its best predicted goodput falls below 1
+(plain would be faster), comes back only above 1 + margin (hysteresis), and probes now and then
+while plain.
 
 Costs are in plain steps: s = seconds per plain token (timed plain rounds), c = draft seconds per
 drafted token / s, v(K) = verify seconds / s fitted as a + b K through v(0) = 1. Before any round
@@ -299,7 +300,7 @@ class FallbackController:
             speculating -> min(initial_lookahead, cap) (one early round must not set K);
             plain -> a probe at that K once until_probe <= 0 (probing = True), else 0.
           - speculating: (K*, G*) = best_lookahead(); leave for plain mode (return 0, set
-            until_probe = probe_interval) when G* < 1 - margin; else K*.
+            until_probe = probe_interval) when G* < 1; else K*.
           - just probed (`probing`): G* > 1 + margin -> speculate at K*, probe_interval back to
             probe_every; else plain, probe_interval doubled (at most probe_every * max_backoff),
             until_probe = probe_interval.
@@ -327,7 +328,7 @@ class FallbackController:
             return 0
         k_best, g_best = best
         if self.speculating:
-            if g_best < 1.0 - self.margin:
+            if g_best < 1.0:  # plain is faster: never keep a slow-down
                 self.speculating = False
                 self.rounds.clear()
                 self.until_probe = self.probe_interval

@@ -44,7 +44,7 @@ class SpeculativeConfig:
     batch_size       prompts decoded together (Week 3 Day 2)
     fallback         use the Week 4 Day 3 controller (K may drop to 0 = plain decoding)
     fallback_window  rounds of history for the controller's estimates (>= 1)
-    fallback_margin  hysteresis in [0, 1): leave below 1 - margin, come back above 1 + margin
+    fallback_margin  hysteresis in [0, 1): leave below 1, come back above 1 + margin
     probe_every      while plain, try speculation again every this many tokens (>= 1)
     memory_limit_mb  None, or a limit in MB (> 0) above which the decoder lowers K and the batch
     seed             PRNG seed, 0 .. 2**64 - 1
