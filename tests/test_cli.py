@@ -217,3 +217,11 @@ def test_grade_prints_only_the_scoreboard():
     assert "Scoreboard" in out and "Week 1 Day 4 Task 1  cache_length" in out, out
     assert "Week 1 Day 4 Task 2  rollback" in out, out
     assert " failed in " not in out and " passed in " not in out, "pytest's own summary stays hidden"
+
+
+def test_serve_is_a_command_whose_flags_the_server_checks(capsys):
+    assert main(["serve", "--port", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--port -1" in err and "65535" in err, f"`specdec serve` hands its flags to kit.server: {err!r}"
+    assert main(["serve", "--help"]) == 0
+    assert "--max-batch" in capsys.readouterr().out

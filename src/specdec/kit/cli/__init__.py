@@ -1,9 +1,10 @@
-"""The `specdec` command: generate, bench, grade, doctor.
+"""The `specdec` command: generate, bench, serve, grade, doctor.
 
     specdec generate                       # speculative decoding on the embedded pair, colour-coded
     specdec generate --plain               # the target alone, one token per call
     specdec generate --impl student        # the same with your own tree (src/specdec)
     specdec bench --prompts 10             # plain vs speculative: tokens/s, speedup, acceptance
+    specdec serve --port 8000              # an OpenAI-compatible server (Week 4 Day 4)
     specdec grade --week 2                 # your scoreboard
     specdec doctor                         # MLX, device, BLAS, embedded models
 
@@ -31,11 +32,11 @@ import os
 import sys
 from typing import Optional
 
-from specdec.kit.cli import bench, doctor, generate, grade
+from specdec.kit.cli import bench, doctor, generate, grade, serve
 from specdec.kit.cli.bench import bench_prompts, heldout_prompts  # noqa: F401  (notebooks use them)
 from specdec.kit.cli.common import CLIError, maybe_reexec_with_openblas
 
-COMMANDS = [generate, bench, grade, doctor]
+COMMANDS = [generate, bench, serve, grade, doctor]
 # Flag checks that need nothing loaded; generate and bench check theirs (with the
 # implementation's SpeculativeConfig) in `common.prepare`.
 CHECKS = {"grade": grade.check_args}
@@ -66,6 +67,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv is None:  # a real command line (not a test calling main): maybe get a fast BLAS first
         maybe_reexec_with_openblas(sys.argv[1:])
         argv = sys.argv[1:]
+    if serve.is_serve(argv):  # the server parses its own flags
+        return serve.run(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error argparse already printed

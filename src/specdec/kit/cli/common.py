@@ -63,7 +63,7 @@ def maybe_reexec_with_openblas(args: list[str]) -> None:
     if not sys.platform.startswith("linux") or os.environ.get("SPECDEC_NO_OPENBLAS"):
         return
     command = next((a for a in args if not a.startswith("-")), None)
-    if command not in ("generate", "bench"):
+    if command not in ("generate", "bench", "serve"):
         return
     lib = find_openblas()
     preload = os.environ.get("LD_PRELOAD", "")
