@@ -8,8 +8,9 @@ import math
 
 import mlx.core as mx
 import numpy as np
-import pytest
 from scipy import stats
+
+from support import raises
 
 CHAPTER = "see book/src/week1-01-sampling.md"
 
@@ -96,7 +97,8 @@ def test_task_1_minus_infinity_gets_zero(impl):
 
 
 def test_task_1_negative_temperature_raises(impl):
-    with pytest.raises(ValueError):
+    with raises(ValueError, "temperature -0.5 must be refused: the contract is temperature >= 0 "
+                "(0 means greedy)"):
         impl.sampling.logits_to_probs(mx.array([1.0, 2.0]), -0.5)
 
 
@@ -140,6 +142,16 @@ def test_task_2_ties_with_kth_are_kept(impl):
     )
 
 
+def test_task_2_returns_float32_whatever_comes_in(impl):
+    probs = np.array([[0.1, 0.4, 0.2, 0.3]], dtype=np.float16)
+    for k in (2, 0, 4):  # filtering, and the two unchanged cases
+        got = impl.sampling.top_k_filter(mx.array(probs), k)
+        assert got.dtype == mx.float32, (
+            f"top_k_filter(float16 probs, k={k}) must return float32 (the contract promises float32 "
+            f"whatever comes in, even when nothing is filtered), got {got.dtype}"
+        )
+
+
 # Task 3: top_p_filter ---------------------------------------------------------------------------
 # Binary fractions make every cumulative sum exact in float32: sorted 1/2, 1/4, 1/8, 3/32, 1/32
 # have running masses 0.5, 0.75, 0.875, 0.96875, 1.
@@ -157,13 +169,59 @@ def np_top_p(probs: np.ndarray, top_p: float) -> np.ndarray:
     return kept / kept.sum()
 
 
+def top_p_diagnosis(probs: np.ndarray, top_p: float, got: np.ndarray) -> str:
+    """Name the classic top-p mistake whose kept tokens match `got`'s (rows of `probs`), if any."""
+    probs, got = np.atleast_2d(probs).astype(np.float64), np.atleast_2d(got)
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    sorted_probs = np.take_along_axis(probs, order, axis=-1)
+    cumsum = np.cumsum(sorted_probs, axis=-1)
+
+    def kept(keep_sorted):
+        mask = np.zeros_like(keep_sorted)
+        np.put_along_axis(mask, order, keep_sorted, axis=-1)
+        return mask
+
+    if np.isnan(got).any():
+        return ("a row came out NaN (0 / 0): it kept no token at all. The most probable token has "
+                "mass 0 before it and is always kept: keep a token iff the mass BEFORE it (the "
+                "cumsum minus the token itself) is < top_p")
+    got_kept = got > 0
+    right = kept(cumsum - sorted_probs < top_p)
+    mistakes = [
+        (kept(cumsum < top_p) | kept(cumsum <= top_p),
+         "you dropped the token whose mass crosses top_p. A token is kept iff the mass BEFORE it "
+         "is < top_p (the inclusive cumsum minus the token itself), so the token that makes the "
+         "kept mass reach top_p is kept too"),
+        (kept(cumsum - sorted_probs <= top_p),
+         "you kept one token too many: when the mass before a token is exactly top_p, the nucleus "
+         "is already complete. Compare the mass before with <, not <="),
+        (np.cumsum(probs, axis=-1) - probs < top_p,
+         "the running mass was taken in token order: sort each row by decreasing probability "
+         "(argsort(-probs)) before the cumsum, and scatter the mask back with put_along_axis"),
+    ]
+    if np.array_equal(got_kept, right):
+        if not np.allclose(got.sum(-1), 1.0, atol=1e-5):
+            return "the right tokens are kept, but not renormalised: divide by the kept mass"
+        return "the right tokens are kept, with the wrong values: keep p / (kept mass)"
+    for mask, why in mistakes:
+        if np.array_equal(got_kept, mask) and not np.array_equal(mask, right):
+            return why
+    return (f"kept tokens {np.argwhere(got_kept).tolist()}, expected {np.argwhere(right).tolist()} "
+            "([row, token] pairs)")
+
+
+def assert_top_p(impl, probs: np.ndarray, top_p: float, what: str) -> None:
+    got = impl.sampling.top_p_filter(mx.array(probs), top_p)
+    expected = np.stack([np_top_p(row, top_p) for row in np.atleast_2d(probs)]).reshape(probs.shape)
+    hint = top_p_diagnosis(probs, top_p, np.array(got, dtype=np.float64)) if got.shape == probs.shape else ""
+    assert_probs(got, expected, f"{what}. Diagnosis: {hint}" if hint else what)
+
+
 def test_task_3_keeps_smallest_nucleus(impl):
     for top_p, size in [(0.6, 2), (0.8, 3), (0.9, 4), (0.99, 5)]:
-        expected = np_top_p(NUCLEUS_PROBS, top_p)
-        assert (expected > 0).sum() == size  # the test's own arithmetic
-        assert_probs(
-            impl.sampling.top_p_filter(mx.array(NUCLEUS_PROBS), top_p),
-            expected,
+        assert (np_top_p(NUCLEUS_PROBS, top_p) > 0).sum() == size  # the test's own arithmetic
+        assert_top_p(
+            impl, NUCLEUS_PROBS, top_p,
             f"top_p={top_p} keeps the {size} most probable tokens (the first whose mass "
             "reaches top_p), renormalised",
         )
@@ -179,28 +237,32 @@ def test_task_3_boundaries(impl):
         (1.0, "top_p = 1 leaves the probabilities unchanged"),
     ]
     for top_p, why in cases:
-        assert_probs(
-            impl.sampling.top_p_filter(mx.array(NUCLEUS_PROBS), top_p),
-            np_top_p(NUCLEUS_PROBS, top_p),
-            f"top_p={top_p}: {why}",
-        )
+        assert_top_p(impl, NUCLEUS_PROBS, top_p, f"top_p={top_p}: {why}")
 
 
 def test_task_3_rows_are_independent(impl):
     other = np.array([0.05, 0.3, 0.15, 0.1, 0.4], dtype=np.float32)
     rows = np.stack([NUCLEUS_PROBS, NUCLEUS_PROBS[::-1], other])
-    expected = np.stack([np_top_p(r, 0.8) for r in rows])
-    assert_probs(
-        impl.sampling.top_p_filter(mx.array(rows), 0.8),
-        expected,
+    assert_top_p(
+        impl, rows, 0.8,
         "each row of a batch [3, V] gets its own nucleus (sort and cumulate along the last axis)",
     )
 
 
 def test_task_3_invalid_top_p_raises(impl):
     for top_p in (0.0, -0.1, 1.5):
-        with pytest.raises(ValueError):
+        with raises(ValueError, f"top_p={top_p} must be refused: top_p is in (0, 1]"):
             impl.sampling.top_p_filter(mx.array(NUCLEUS_PROBS), top_p)
+
+
+def test_task_3_returns_float32_whatever_comes_in(impl):
+    probs = NUCLEUS_PROBS.astype(np.float16)  # binary fractions: exact in float16 too
+    for top_p in (0.8, 1.0):  # filtering, and the unchanged case
+        got = impl.sampling.top_p_filter(mx.array(probs), top_p)
+        assert got.dtype == mx.float32, (
+            f"top_p_filter(float16 probs, top_p={top_p}) must return float32 (the contract "
+            f"promises float32 whatever comes in, even when nothing is filtered), got {got.dtype}"
+        )
 
 
 # Task 4: sample_token ---------------------------------------------------------------------------

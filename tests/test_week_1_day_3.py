@@ -13,6 +13,7 @@ import mlx.core as mx
 import pytest
 
 from specdec.kit.models import MarkovLM
+from support import raises
 
 CHAPTER = "see book/src/week1-03-forward-cost.md"
 MS = 1e-3
@@ -132,9 +133,9 @@ def test_task_1_runs_on_a_real_model(impl, llama_models):
 
 def test_task_1_bad_arguments_raise(impl):
     model = SleepyModel(a=0.0, b=0.0)
-    with pytest.raises(ValueError):
+    with raises(ValueError, "num_tokens=0 must be refused: a timed call feeds num_tokens >= 1"):
         impl.cost.time_forward(model, 0)
-    with pytest.raises(ValueError):
+    with raises(ValueError, "repeats=0 must be refused: the median needs repeats >= 1 timed calls"):
         impl.cost.time_forward(model, 2, repeats=0)
 
 

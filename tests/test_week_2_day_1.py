@@ -14,7 +14,7 @@ from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache
 from scipy.stats import chisquare
 
 from specdec.kit.models import MarkovLM, markov_pair, random_transitions
-from support import mlx_lm_greedy
+from support import CallCounter, mlx_lm_greedy, raises
 
 # Earlier tasks (Week 1 Day 1) that drafting builds on: always the reference's here.
 SAMPLING = (
@@ -79,7 +79,8 @@ def test_task_1_stores_models_and_fresh_caches(impl, markov_models, llama_models
 
 @pytest.mark.parametrize("lookahead", [0, -3])
 def test_task_1_rejects_lookahead_below_one(impl, markov_models, lookahead):
-    with pytest.raises(ValueError) as error:
+    with raises(ValueError, f"lookahead={lookahead} must be refused: K counts the tokens drafted per "
+                "round, so lookahead >= 1") as error:
         impl.draft.SpeculativeDecoder(*markov_models, lookahead=lookahead)
     assert str(lookahead) in str(error.value), (
         f"the error for lookahead={lookahead} should name the value, got: {error.value}"
@@ -95,7 +96,8 @@ def test_task_1_rejects_different_vocabularies(impl, markov_models, llama_models
         (small_draft, markov_target, 10, 12),
     ]
     for draft, target, draft_vocab, target_vocab in pairs:
-        with pytest.raises(ValueError) as error:
+        with raises(ValueError, f"a draft with V={draft_vocab} and a target with V={target_vocab} "
+                    "must be refused: the draft must share the target's tokenizer") as error:
             impl.draft.SpeculativeDecoder(draft, target)
         message = str(error.value)
         assert str(draft_vocab) in message and str(target_vocab) in message, (
@@ -111,7 +113,8 @@ def test_task_1_rejects_caches_that_cannot_be_trimmed(impl, markov_models):
     draft, target = markov_models
     assert not ArraysCache(size=2).is_trimmable()  # the premise of this test
     for pair, role in (((UntrimmableModel(draft), target), "draft"), ((draft, UntrimmableModel(target)), "target")):
-        with pytest.raises(ValueError) as error:
+        with raises(ValueError, f"a {role} model with an ArraysCache layer (is_trimmable() False) "
+                    "must be refused: rejected drafts are rolled back by trimming") as error:
             impl.draft.SpeculativeDecoder(*pair)
         assert "trim" in str(error.value).lower(), (
             f"a {role} model whose cache has a layer with is_trimmable() == False must be refused "
@@ -257,9 +260,37 @@ def test_task_2_sampling_is_reproducible_from_the_key(impl, use_ref, markov_mode
 def test_task_2_rejects_bad_arguments(impl, use_ref, markov_models):
     use_ref("draft.SpeculativeDecoder.__init__", *SAMPLING)
     decoder = impl.draft.SpeculativeDecoder(*markov_models)
-    with pytest.raises(ValueError):  # nothing to draft
+    with raises(ValueError, "num_tokens=0 must be refused: a round drafts K >= 1 tokens"):
         decoder.draft_generation(mx.array([1, 2]), 0)
-    with pytest.raises(ValueError):  # the draft needs at least one unseen token to read
+    with raises(ValueError, "empty prompt_tokens must be refused: the draft needs at least one "
+                "unseen token to read"):
         decoder.draft_generation(mx.array([], dtype=mx.int32), 2)
-    with pytest.raises(ValueError):  # sampling without a key would use hidden global state
+    with raises(ValueError, "temperature=0.8 without a key must be refused: sampling needs "
+                "key=mx.random.key(seed), never hidden global state"):
         decoder.draft_generation(mx.array([1, 2]), 2, temperature=0.8)
+
+
+class FeedLog(CallCounter):
+    """A CallCounter that also records how many tokens each call fed."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.tokens_per_call: list[int] = []
+
+    def __call__(self, inputs, *args, **kwargs):
+        self.tokens_per_call.append(int(inputs.shape[-1]))
+        return super().__call__(inputs, *args, **kwargs)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_task_2_one_draft_call_per_token(impl, use_ref, llama_models, temperature):
+    use_ref("draft.SpeculativeDecoder.__init__", *SAMPLING)
+    draft, target = FeedLog(llama_models[0]), llama_models[1]
+    decoder = impl.draft.SpeculativeDecoder(draft, target, lookahead=4)
+    prompt, K = [3, 41, 17, 8, 59, 22], 4
+    decoder.draft_generation(mx.array(prompt), K, temperature, mx.random.key(3))
+    assert draft.tokens_per_call == [len(prompt)] + [1] * (K - 1), (
+        f"drafting K={K} tokens after {len(prompt)} unseen tokens takes K draft calls: one over the "
+        f"{len(prompt)} unseen tokens, then one per new draft except the last (never fed), i.e. "
+        f"tokens per call {[len(prompt)] + [1] * (K - 1)}; got {draft.tokens_per_call} (T={temperature})"
+    )

@@ -12,10 +12,14 @@ explicit keys. Speculative sampling then promises exactly:
   - the bonus token (n = K) is distributed as p_K;
   - the number of accepted drafts n has P(n >= i) = alpha_0 * ... * alpha_(i-1), where
     alpha_i = sum_x min(p_i(x), q_i(x)) is the acceptance rate of position i.
+  - after a rejection at position i (n = i < K), the replacement token is distributed as the
+    residual normalise(max(0, p_i - q_i)) — never as p_i or q_i themselves.
 Each is checked with a seeded chi-square (or binomial) test that fails when its p-value is below
-P_MIN = 1e-4. False alarms: a correct implementation that uses its randomness differently from
-the reference fails a given check with probability 1e-4, so all checks of this file together
-(about 30) with probability < 0.5 %. Power: with N trials, an output distribution at total
+P_MIN = 1e-4, and each failure message names the rule it suspects (the accept test min(1, p/q),
+the residual, the bonus from p_K, the temperature, the key handling). False alarms: a correct
+implementation that uses its randomness differently from the reference fails a given check with
+probability 1e-4, so all checks of this file together (about 35) with probability < 0.5 %.
+The seeds are fixed, so a run's outcome never changes. Power: with N trials, an output distribution at total
 variation distance d from the truth gives a chi-square statistic of at least 4 N d^2 (about 40
 for N = 4000 and d = 0.05): such a bug fails. The negative controls below prove it on two classic
 mistakes.
@@ -25,6 +29,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from scipy.stats import binomtest, chisquare
+
+from support import raises
 
 P_MIN = 1e-4  # chi-square / binomial p-value below which a check fails
 CHAPTER = "book/src/week2-03-speculative-sampling.md"
@@ -77,13 +83,33 @@ def chi2_pvalue(samples, probs):
     return chisquare(observed_cells[keep], expected_cells[keep]).pvalue
 
 
-def assert_distributed(samples, probs, what):
+# What each law's failure points at, in the book's words.
+SUSPECT_ACCEPT = (
+    "the accept test: accept d_(i+1) with probability min(1, p_i(d) / q_i(d)), i.e. iff "
+    "u * q_i(d) < p_i(d) with a fresh uniform u, using row i of both p and q"
+)
+SUSPECT_RESIDUAL = (
+    "the replacement after a rejection: sample it from residual_distribution(p_n, q_n) = "
+    "normalise(max(0, p_n - q_n)) at the rejected position n, not from p_n or q_n"
+)
+SUSPECT_FIRST = f"{SUSPECT_ACCEPT}; or {SUSPECT_RESIDUAL}"
+SUSPECT_WALK = (
+    "the walk: n is the index of the FIRST rejection (K if none), and drafts after it never count"
+)
+SUSPECT_KEYS = (
+    "the key handling: every draft's accept test needs its own uniform, and the replacement its "
+    "own draw — split the key (one part for the K uniforms, one for the new token)"
+)
+SUSPECT_BONUS = "the bonus token: when all K drafts are accepted, sample it from p_K (the last row)"
+
+
+def assert_distributed(samples, probs, what, suspect=None):
     pvalue = chi2_pvalue(samples, probs)
     observed = np.bincount(np.asarray(samples, dtype=np.int64), minlength=len(probs)) / max(len(samples), 1)
     assert pvalue > P_MIN, (
         f"{what} should be distributed as {np.round(normalise(probs), 3)}; observed frequencies "
         f"{np.round(observed, 3)} over {len(samples)} samples (chi-square p-value {pvalue:.2g} < "
-        f"{P_MIN}). See the proof in {CHAPTER}"
+        f"{P_MIN}).{f' Suspect {suspect}.' if suspect else ''} See the proof in {CHAPTER}"
     )
 
 
@@ -130,36 +156,64 @@ def acceptance(p, q):
     return float(np.minimum(normalise(p), normalise(q)).sum())
 
 
-def check_speculative_distribution(outcomes, p_rows, q_rows, check_second=True):
-    """The exact laws listed in the module docstring, for the rounds in `outcomes`."""
+def check_speculative_distribution(outcomes, p_rows, q_rows, check_second=True, where=""):
+    """The exact laws listed in the module docstring, for the rounds in `outcomes`.
+
+    The laws that pin one rule down (acceptance, the residual, the bonus) are checked before the
+    first emitted token, which mixes them, so a failure names the most specific suspect.
+    """
     p_rows, q_rows = normalise(p_rows), normalise(q_rows)
     K = len(q_rows)
     n = np.array([o[0] for o in outcomes])
     firsts = np.array([o[1][0] for o in outcomes])
-    assert_distributed(firsts, p_rows[0], "the first emitted token (accepted draft or correction)")
 
     alpha_0 = acceptance(p_rows[0], q_rows[0])
     accepted_0 = int((n >= 1).sum())
     binomial = binomtest(accepted_0, len(n), alpha_0).pvalue
     assert binomial > P_MIN, (
-        f"the first draft should be accepted with probability sum_x min(p, q) = {alpha_0:.3f}; "
-        f"observed {accepted_0 / len(n):.3f} over {len(n)} rounds (binomial p-value {binomial:.2g})"
+        f"{where}the first draft should be accepted with probability sum_x min(p, q) = "
+        f"{alpha_0:.3f}; observed {accepted_0 / len(n):.3f} over {len(n)} rounds (binomial p-value "
+        f"{binomial:.2g}). Suspect {SUSPECT_ACCEPT}"
     )
     if accepted_0:
         assert_distributed(
-            firsts[n >= 1], np.minimum(p_rows[0], q_rows[0]), "an accepted first draft"
+            firsts[n >= 1], np.minimum(p_rows[0], q_rows[0]), f"{where}an accepted first draft",
+            SUSPECT_ACCEPT,
         )
-    if check_second and K >= 2:
-        seconds = np.array([o[1][1] for o in outcomes if o[0] >= 1])
-        assert_distributed(seconds, p_rows[1], "the second emitted token, when the first was a draft")
+    check_residuals(outcomes, p_rows, q_rows, where)
     # n: P(n = i) = alpha_0 ... alpha_(i-1) * (1 - alpha_i), P(n = K) = alpha_0 ... alpha_(K-1).
     alphas = [acceptance(p_rows[i], q_rows[i]) for i in range(K)]
     reach = np.cumprod([1.0] + alphas)  # P(n >= i), i = 0 .. K
     law_n = np.append(reach[:-1] * (1 - np.array(alphas)), reach[-1])
-    assert_distributed(n, law_n, "the number of accepted drafts n")
+    assert_distributed(n, law_n, f"{where}the number of accepted drafts n", f"{SUSPECT_WALK}; or {SUSPECT_ACCEPT}")
     bonus = [o[1][-1] for o in outcomes if o[0] == K]
     if len(bonus) >= 200:
-        assert_distributed(bonus, p_rows[K], "the bonus token (all K drafts accepted)")
+        assert_distributed(bonus, p_rows[K], f"{where}the bonus token (all K drafts accepted)", SUSPECT_BONUS)
+    assert_distributed(
+        firsts, p_rows[0], f"{where}the first emitted token (accepted draft or correction)", SUSPECT_FIRST
+    )
+    if check_second and K >= 2:
+        seconds = np.array([o[1][1] for o in outcomes if o[0] >= 1])
+        assert_distributed(
+            seconds, p_rows[1], f"{where}the second emitted token, when the first was a draft",
+            f"{SUSPECT_KEYS}; or {SUSPECT_FIRST}",
+        )
+
+
+def check_residuals(outcomes, p_rows, q_rows, where=""):
+    """Given a rejection at position i (n = i < K), the emitted token tokens[i] is distributed as
+    normalise(max(0, p_i - q_i)); checked for every position with at least 100 rejections."""
+    p_rows, q_rows = normalise(p_rows), normalise(q_rows)
+    for i in range(len(q_rows)):
+        replacements = [tokens[i] for n, tokens in outcomes if n == i]
+        residual = np.maximum(p_rows[i] - q_rows[i], 0.0)
+        if len(replacements) < 100 or residual.sum() == 0:
+            continue
+        assert_distributed(
+            replacements, residual,
+            f"{where}the replacement token after a rejection at position {i} (rounds with n = {i})",
+            SUSPECT_RESIDUAL,
+        )
 
 
 # Task 1: residual_distribution -------------------------------------------------------------------
@@ -222,6 +276,53 @@ def test_task_2_output_is_distributed_as_the_target(impl, use_ref):
     pairs = [o[1][0] * 6 + o[1][1] for o in outcomes if o[0] >= 1]
     joint = np.outer(np.minimum(p[0], q[0]), p[1]).reshape(-1)
     assert_distributed(pairs, joint, "the pair (first, second) emitted tokens when the first was a draft")
+
+
+def test_task_2_replacement_comes_from_the_residual(impl, use_ref):
+    """A greedy-like draft: q is one-hot at token 1, so every round drafts token 1, which the
+    target accepts with probability p(1) = 0.25. After a rejection the residual
+    normalise(max(0, p - q)) gives token 1 probability exactly 0: a correct verifier NEVER emits
+    token 1 in a rejected round (no false alarms), while resampling from p emits it about a quarter
+    of the time. Then the replacement's whole distribution is checked (chi-square, P_MIN)."""
+    use_ref(*EARLIER)
+    p_rows = [P_GENERIC[0], P_GENERIC[3]]  # p_0, and the bonus row p_1 (K = 1)
+    q_rows = [[0.0, 1.0, 0.0, 0.0, 0.0, 0.0]]
+    _, outcomes = run_rounds(impl.verify.verify_speculation, log_probs(p_rows), q_rows, 1200, seed=8)
+    replacements = [tokens[0] for n, tokens in outcomes if n == 0]
+    assert len(replacements) > 700, (
+        f"only {len(replacements)} of 1200 rounds rejected a draft the target accepts with probability "
+        f"0.25 (about 900 expected). Suspect {SUSPECT_ACCEPT}"
+    )
+    wrong = sum(token == 1 for token in replacements)
+    assert wrong == 0, (
+        f"after rejecting draft token 1 (q one-hot at 1), the replacement was token 1 again in {wrong} "
+        f"of {len(replacements)} rejected rounds. The residual max(0, p - q) is 0 at token 1, so it "
+        f"can never come back: {SUSPECT_RESIDUAL} — see {CHAPTER}"
+    )
+    residual = normalise(np.maximum(normalise(p_rows[0]) - np.array(q_rows[0]), 0.0))
+    assert_distributed(replacements, residual, "the replacement after a rejection", SUSPECT_RESIDUAL)
+    check_residuals(outcomes, p_rows, q_rows)
+
+
+def test_task_2_draft_with_zero_draft_probability_is_rejected(impl, use_ref):
+    """The contract: reject d_i if q_i(d_i) == 0 (it cannot have been drawn from q). A test written
+    u < p / q divides by zero there and accepts it; u * q < p with q > 0 does not."""
+    use_ref(*EARLIER)
+    target_logits = log_probs([[1 / 6] * 6, [1 / 6] * 6])  # p: uniform at both rows
+    q_draft = mx.array([[1.0, 0.0, 0.0, 0.0, 0.0, 0.0]])  # q puts everything on token 0
+    drafts = mx.array([3], dtype=mx.int32)  # q(3) = 0, p(3) = 1/6
+    keys = mx.random.split(mx.random.key(4), 60)
+    results = [impl.verify.verify_speculation(drafts, target_logits, q_draft, 1.0, k) for k in keys]
+    accepted = sum(n for n, _ in results)
+    assert accepted == 0, (
+        f"draft token 3 has q(3) = 0 and must always be rejected (the contract: reject if "
+        f"q_i(d_i) == 0), but {accepted} of 60 rounds accepted it. Write the accept test as "
+        f"(q > 0) & (u * q < p): u < p / q divides by zero — see {CHAPTER}"
+    )
+    assert all(tokens[0] != 0 for _, tokens in results), (
+        "the replacement came out as token 0, where max(0, p - q) is 0: "
+        f"{SUSPECT_RESIDUAL}"
+    )
 
 
 def test_negative_controls_show_the_statistics_can_fail():
@@ -317,7 +418,18 @@ def test_task_2_temperature_is_applied_to_the_target(impl, use_ref, ref):
     _, outcomes = run_rounds(
         impl.verify.verify_speculation, target_logits, q_rows, 2000, seed=6, temperature=temperature
     )
-    check_speculative_distribution(outcomes, p_rows, q_rows)
+    firsts = [tokens[0] for _, tokens in outcomes]
+    if chi2_pvalue(firsts, p_rows[0]) <= P_MIN and chi2_pvalue(firsts, p_at_one) > P_MIN:
+        pytest.fail(
+            f"at T={temperature} the first emitted token follows softmax(target_logits) at T = 1 "
+            f"({np.round(p_at_one, 3)}), not make_probs(target_logits, {temperature}) "
+            f"({np.round(p_rows[0], 3)}): apply the temperature to the target with make_probs, "
+            f"the same transform that made q_draft — see {CHAPTER}"
+        )
+    check_speculative_distribution(
+        outcomes, p_rows, q_rows,
+        where=f"at T={temperature} (p = make_probs(target_logits, {temperature})): ",
+    )
 
 
 def test_task_2_temperature_zero_is_greedy_verification(impl, use_ref, ref):
@@ -345,7 +457,8 @@ def test_task_2_randomness_comes_from_the_key(impl, use_ref):
     use_ref(*EARLIER)
     target_logits, q_draft = log_probs(P_GENERIC), mx.array(np.asarray(Q_GENERIC, dtype=np.float32))
     drafts = mx.array([1, 2, 0])
-    with pytest.raises(ValueError):  # sampling without a key would use hidden global state
+    with raises(ValueError, "temperature=1.0 with key=None must be refused: all randomness comes "
+                "from the key you are given, never hidden global state"):
         impl.verify.verify_speculation(drafts, target_logits, q_draft, 1.0, None)
     results = [impl.verify.verify_speculation(drafts, target_logits, q_draft, 1.0, mx.random.key(s)) for s in range(20)]
     again = [impl.verify.verify_speculation(drafts, target_logits, q_draft, 1.0, mx.random.key(s)) for s in range(20)]

@@ -9,12 +9,18 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import (
+    ChunkedKVCache,
+    KVCache,
+    RotatingKVCache,
+    make_prompt_cache,
+    trim_prompt_cache,
+)
 from scipy import stats as scipy_stats
 
 from specdec.kit.models import MarkovLM, markov_pair, tiny_llama_pair
 from specdec.kit.stats import SpecStats
-from support import CallCounter, mlx_lm_greedy
+from support import CallCounter, mlx_lm_greedy, raises
 
 # The earlier tasks the loop stands on: graded elsewhere, taken from the reference here.
 EARLIER_TASKS = (
@@ -46,6 +52,19 @@ def models_by_name(name, markov_models, llama_models, identical_llama_models):
         "llama": llama_models,
         "llama-identical": identical_llama_models,
     }[name]
+
+
+def logits_atol(expected: np.ndarray) -> float:
+    """Tolerance for logits computed two ways (a cache fed in pieces vs one fresh forward).
+
+    The two sides batch their matrix products differently, so the last bits differ. On the CPU,
+    float32 keeps that below 1e-4. GPU backends may run float32 matmuls in TF32 (a 10-bit
+    mantissa): allow 1e-2 of the row's scale there. A cache holding the wrong tokens is off by
+    order 1 on the tiny llama (logits of scale ~8), far beyond either tolerance.
+    """
+    if mx.default_device().type == mx.cpu:
+        return 1e-4
+    return 1e-2 * max(1.0, float(np.abs(expected).max()))
 
 
 def fresh_next_logits(model, tokens: list[int]) -> np.ndarray:
@@ -98,7 +117,7 @@ def check_commit(impl, decoder, committed, draft_tokens, num_accepted, new_token
     ):
         got = next_logits_then_undo(model, cache, feed)
         want = fresh_next_logits(model, committed)
-        assert np.allclose(got, want, atol=1e-4, rtol=1e-4), (
+        assert np.allclose(got, want, atol=logits_atol(want), rtol=0), (
             f"{where}: after commit_round, feeding the {role} its unseen tokens {feed} must give "
             "the same next-token logits as a fresh prefill of the whole committed sequence — "
             "the cache holds the wrong tokens (trimmed too little or too much?)"
@@ -171,6 +190,61 @@ def test_task_1_commit_round_after_verified_rounds(
         assert any(0 < n < K for n in outcomes) and 0 in outcomes, f"test setup: outcomes {outcomes}"
 
 
+def filled_layer(layer, num_tokens: int):
+    """A cache layer that has stored `num_tokens` (all-zero) keys and values, no model needed."""
+    kv = mx.zeros((1, 1, num_tokens, 4))
+    layer.update_and_fetch(kv, kv)
+    return layer
+
+
+def wrapped_rotating(num_tokens: int = 12):
+    """A sliding-window layer of 8 that has seen 12 tokens: is_trimmable() is False."""
+    layer = filled_layer(RotatingKVCache(max_size=8), num_tokens)
+    assert not layer.is_trimmable()  # the premise
+    return layer
+
+
+def short_chunked(num_tokens: int = 12):
+    """A ChunkedKVCache (Llama 4's local layers) that kept only its last 2 tokens: it reports
+    is_trimmable() True, but trim(3) drops only 2."""
+    layer = filled_layer(ChunkedKVCache(chunk_size=2), num_tokens)
+    layer.maybe_trim_front()
+    assert layer.is_trimmable() and layer.offset - layer.start_position == 2  # the premise
+    return layer
+
+
+@pytest.mark.parametrize(
+    "role, make_layer",
+    [("target", wrapped_rotating), ("target", short_chunked), ("draft", wrapped_rotating), ("draft", short_chunked)],
+    ids=["target-wrapped", "target-short-trim", "draft-wrapped", "draft-short-trim"],
+)
+def test_task_1_commit_round_refuses_a_cache_it_cannot_trim(impl, ref, use_ref, markov_models, role, make_layer):
+    """The contract: ValueError if a cache cannot be trimmed by the amount needed. mlx-lm's
+    trim_prompt_cache trims NOTHING and returns 0 when a layer is not trimmable, and a layer's
+    trim(n) may drop fewer than n: both must be caught, or the next round decodes with rejected
+    drafts still in the cache."""
+    use_ref(*EARLIER_TASKS)
+    decoder = ref.draft.SpeculativeDecoder(*markov_models, 4)
+    draft_tokens, new_token = [1, 2, 3, 4], 5
+    # n = 0: the target must drop 4 tokens, the draft 3; each bad layer holds fewer than that.
+    good_target = [filled_layer(KVCache(), 12)]
+    good_draft = [filled_layer(KVCache(), 11)]
+    bad = [make_layer(), make_layer()]
+    decoder.target_cache, decoder.draft_cache = (bad, good_draft) if role == "target" else (good_target, bad)
+    needed = 4 if role == "target" else 3
+    kind = (
+        "a RotatingKVCache that has wrapped (is_trimmable() is False, so trim_prompt_cache trims "
+        "nothing and returns 0)"
+        if make_layer is wrapped_rotating
+        else f"a ChunkedKVCache whose trim({needed}) drops only 2 tokens (compare what "
+        "trim_prompt_cache returns with the amount needed)"
+    )
+    with raises(ValueError, f"n=0 of K=4 accepted: the {role} cache must drop {needed} tokens, but "
+                f"its layers are {kind}. commit_round must raise ValueError instead of going on with "
+                "rejected drafts in the cache — see book/src/week2-04-full-loop.md"):
+        impl.speculative.commit_round(decoder, draft_tokens, 0, new_token)
+
+
 # Task 2: speculative_generate -----------------------------------------------------------------------
 def run_loop(impl, decoder, prompt, max_tokens, **kwargs):
     """The student's loop, fully consumed: (tokens, from_draft flags, stats)."""
@@ -217,7 +291,9 @@ def test_task_2_greedy_output_is_the_targets_greedy_output(
                     "and the cache trims in commit_round"
                 )
                 assert stats.emitted == len(tokens), (
-                    f"{where}: stats.emitted={stats.emitted} but {len(tokens)} tokens were yielded"
+                    f"{where}: stats.emitted={stats.emitted} but {len(tokens)} tokens were yielded: "
+                    "record_round(K, n, emitted) takes the tokens yielded in THIS round, not the "
+                    "running total"
                 )
                 assert stats.rounds == counted_target.calls, (
                     f"{where}: stats.rounds={stats.rounds} but the target was called "
@@ -244,11 +320,29 @@ def test_task_2_greedy_output_is_the_targets_greedy_output(
 
 def test_task_2_max_tokens_zero_yields_nothing(impl, ref, use_ref, markov_models):
     use_ref(*EARLIER_TASKS, "speculative.commit_round")
-    decoder = ref.draft.SpeculativeDecoder(*markov_models, 4)
-    tokens, _, stats = run_loop(impl, decoder, [1, 2], 0)
-    assert tokens == [] and stats.rounds == 0, (
+    draft, target = CallCounter(markov_models[0]), CallCounter(markov_models[1])
+    decoder = ref.draft.SpeculativeDecoder(draft, target, 4)
+    rounds_seen = []
+    tokens, _, stats = run_loop(impl, decoder, [1, 2], 0, on_round=lambda k, n: rounds_seen.append((k, n)))
+    assert tokens == [] and stats.rounds == 0 and stats.emitted == 0, (
         f"max_tokens=0 must yield nothing and run no round, got {tokens} in {stats.rounds} rounds"
     )
+    assert (draft.calls, target.calls, rounds_seen) == (0, 0, []), (
+        f"max_tokens=0 runs no round: no draft call, no target call, no on_round; got "
+        f"{draft.calls} draft calls, {target.calls} target calls, on_round calls {rounds_seen}"
+    )
+
+
+class RecordingStats(SpecStats):
+    """SpecStats that also keeps the arguments of every record_round call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[int, int, int]] = []
+
+    def record_round(self, num_drafted, num_accepted, num_emitted):
+        self.calls.append((num_drafted, num_accepted, num_emitted))
+        super().record_round(num_drafted, num_accepted, num_emitted)
 
 
 @pytest.mark.parametrize("pair", ["markov", "llama-identical", "llama"])
@@ -271,8 +365,25 @@ def test_task_2_stops_right_after_eos_inside_an_accepted_block(
     )
     assert eos_at is not None, f"test setup: no accepted draft token to use as EOS in {reference_out}"
     eos = greedy[eos_at]
+    # The rounds of the full run, up to and including the one EOS cuts short (greedy: the same).
+    full_stats = SpecStats()
+    for _ in ref.speculative.speculative_generate(
+        ref.draft.SpeculativeDecoder(draft, target, K), mx.array(prompt), 40, stats=full_stats
+    ):
+        pass
+    expected_calls, emitted = [], 0
+    for k, n in zip(full_stats.lookahead_per_round, full_stats.accepted_per_round):
+        this_round = min(n + 1, eos_at + 1 - emitted)
+        expected_calls.append((k, n, this_round))
+        emitted += this_round
+        if emitted == eos_at + 1:
+            break
     decoder = ref.draft.SpeculativeDecoder(draft, target, K)
-    tokens, flags, stats = run_loop(impl, decoder, prompt, 40, eos_token_ids=(eos,))
+    rounds_seen = []
+    tokens, flags, stats = run_loop(
+        impl, decoder, prompt, 40, eos_token_ids=(eos,), stats=RecordingStats(),
+        on_round=lambda k, n: rounds_seen.append((k, n)),
+    )
     assert tokens == greedy[: eos_at + 1], (
         f"{pair}: with eos_token_ids=({eos},) generation must stop right after the first {eos} "
         f"(position {eos_at}), even though it sits inside an accepted block:\n  expected "
@@ -281,6 +392,17 @@ def test_task_2_stops_right_after_eos_inside_an_accepted_block(
     assert stats.emitted == len(tokens) and flags[-1], (
         f"{pair}: stats.emitted={stats.emitted} must count only the {len(tokens)} yielded tokens "
         "(the rest of the block is dropped), and the EOS here is an accepted draft (from_draft=True)"
+    )
+    assert stats.calls == expected_calls, (
+        f"{pair}: record_round calls {stats.calls}, expected {expected_calls}: once per round "
+        "(the round EOS cuts short included) as record_round(K, n, emitted) with K the drafts of "
+        "that round, n verification's accepted count (even the drafts EOS cut off), and emitted "
+        "the tokens yielded in THAT round — not a running total"
+    )
+    assert rounds_seen == [(k, n) for k, n, _ in expected_calls], (
+        f"{pair}: on_round calls {rounds_seen}, expected {[(k, n) for k, n, _ in expected_calls]}: "
+        "on_round(K, n) runs once per round, the last round cut short by EOS included, with "
+        "verification's n"
     )
 
 
@@ -310,7 +432,9 @@ def test_task_2_stats_and_on_round(impl, ref, use_ref, temperature, markov_model
         f"model calls {draft.calls}: record every round's K and count every draft forward call"
     )
     assert stats.emitted == 50 and stats.tokens_per_round == pytest.approx(50 / target.calls), (
-        f"{where}: stats.emitted={stats.emitted}, tokens_per_round={stats.tokens_per_round}"
+        f"{where}: stats.emitted={stats.emitted} for 50 yielded tokens, tokens_per_round="
+        f"{stats.tokens_per_round}: record_round(K, n, emitted) takes the tokens yielded in THIS "
+        "round, not the running total"
     )
     check_round_structure(flags, stats, where)
 
@@ -346,10 +470,64 @@ def test_task_2_lookahead_is_read_every_round(impl, ref, use_ref, markov_models)
 def test_task_2_rejects_bad_inputs(impl, ref, use_ref, markov_models):
     use_ref(*EARLIER_TASKS, "speculative.commit_round")
     decoder = ref.draft.SpeculativeDecoder(*markov_models, 3)
-    with pytest.raises(ValueError):  # the message should say the prompt needs a token
+    with raises(ValueError, "an empty prompt must be refused: speculative decoding needs at least "
+                "one token (L >= 1)"):
         list(impl.speculative.speculative_generate(decoder, mx.array([], dtype=mx.int32), 5))
-    with pytest.raises(ValueError):  # the message should say to pass key=mx.random.key(seed)
+    with raises(ValueError, "temperature=1.0 without a key must be refused: pass "
+                "key=mx.random.key(seed), never hidden global state"):
         list(impl.speculative.speculative_generate(decoder, mx.array([1, 2]), 5, temperature=1.0))
+
+
+def test_task_2_streams_round_by_round(impl, ref, use_ref, identical_llama_models):
+    use_ref(*EARLIER_TASKS, "speculative.commit_round")
+    draft, target = identical_llama_models
+    counted_target = CallCounter(target)
+    decoder = ref.draft.SpeculativeDecoder(draft, counted_target, 4)
+    stream = impl.speculative.speculative_generate(decoder, mx.array([1, 5, 7]), 30)
+    first = next(stream)
+    assert counted_target.calls == 1, (
+        f"after the first token only the first round may have run, but the target was called "
+        f"{counted_target.calls} times: yield a round's tokens as soon as it is verified"
+    )
+    rest = [first, *stream]
+    assert [int(t) for t, _ in rest] == mlx_lm_greedy(target, [1, 5, 7], 30), (
+        "the rest of the stream must continue the target's greedy output"
+    )
+
+
+def test_task_2_drafter_may_return_fewer_tokens(impl, ref, use_ref, llama_models):
+    """A drafter may propose fewer than the K tokens asked for (Week 3's n-gram drafter does):
+    the round uses the number it returned — for the target call, verification, commit_round,
+    stats and on_round."""
+    use_ref(*EARLIER_TASKS, "speculative.commit_round")
+    draft, target = llama_models
+    returned = []
+
+    class ShortDrafter(ref.draft.SpeculativeDecoder):
+        def draft_generation(self, prompt_tokens, num_tokens, temperature=0.0, key=None):
+            num_tokens = min(num_tokens, 1 + len(returned) % 3)  # 1, 2, 3, 1, 2, 3, ...
+            returned.append(num_tokens)
+            return super().draft_generation(prompt_tokens, num_tokens, temperature, key)
+
+    counted_draft, counted_target = CallCounter(draft), CallCounter(target)
+    decoder = ShortDrafter(counted_draft, counted_target, 4)
+    rounds_seen = []
+    prompt = [3, 9, 2, 7]
+    tokens, flags, stats = run_loop(impl, decoder, prompt, 30, on_round=lambda k, n: rounds_seen.append((k, n)))
+    assert tokens == mlx_lm_greedy(target, prompt, 30), (
+        f"with a drafter that returned {returned} tokens when asked for 4, the output must still be "
+        "the target's greedy output: use draft_tokens.shape[0], not decoder.lookahead, for the "
+        "target's rows, verification and commit_round"
+    )
+    assert stats.lookahead_per_round == returned and [k for k, _ in rounds_seen] == returned, (
+        f"the drafter returned {returned} tokens per round; record_round and on_round must get "
+        f"those counts, got {stats.lookahead_per_round} and {[k for k, _ in rounds_seen]}"
+    )
+    assert stats.draft_calls == counted_draft.calls and stats.rounds == counted_target.calls, (
+        f"stats.draft_calls={stats.draft_calls} (draft model calls {counted_draft.calls}), "
+        f"stats.rounds={stats.rounds} (target calls {counted_target.calls})"
+    )
+    check_round_structure(flags, stats, "a drafter returning fewer tokens")
 
 
 # Sampling exactness -------------------------------------------------------------------------------

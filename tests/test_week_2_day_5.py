@@ -14,6 +14,7 @@ import pytest
 
 from specdec.kit.models import MarkovLM
 from specdec.kit.stats import SpecStats
+from support import raises
 
 
 def dirichlet_rows(seed: int, shape: tuple[int, ...], concentration: float = 0.5) -> np.ndarray:
@@ -115,7 +116,8 @@ def test_task_2_expected_tokens_per_round_values(impl):
         assert E(1 - 1e-6, k) == pytest.approx(k + 1, rel=1e-4), "E must be continuous at alpha = 1"
     assert E(0.7, 0) == pytest.approx(1.0), "K = 0 is plain decoding: one token per target call"
     for bad_alpha, bad_k in [(-0.1, 3), (1.5, 3), (0.5, -1)]:
-        with pytest.raises(ValueError):  # alpha must be a probability; K >= 0
+        with raises(ValueError, f"expected_tokens_per_round(alpha={bad_alpha}, k={bad_k}) must be "
+                    "refused: alpha is a probability in [0, 1] and K >= 0"):
             E(bad_alpha, bad_k)
 
 
@@ -187,5 +189,6 @@ def test_task_3_expected_speedup_values(impl):
         (0.5, -2, 0.1, 1.0),
     ]
     for bad in bad_arguments:
-        with pytest.raises(ValueError):  # c >= 0, v > 0, alpha in [0, 1], K >= 0
+        with raises(ValueError, f"expected_speedup(alpha, k, c, v) = expected_speedup{bad} must be "
+                    "refused: c >= 0, v > 0, alpha in [0, 1] and K >= 0"):
             S(*bad)

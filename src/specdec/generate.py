@@ -35,8 +35,9 @@ def generate_tokens(
 
     prompt_tokens: int [L], L >= 1. max_tokens: >= 0 tokens to produce at most.
     temperature: 0 is greedy (argmax); > 0 samples from `make_probs(logits, temperature)` and
-    needs `key` (split it once per token). eos_token_ids: generation stops right *after*
-    yielding one of these. cache: KV caches to use (fresh ones from `make_prompt_cache` if None).
+    needs `key` (split it once per token; ValueError without one).
+    eos_token_ids: generation stops right *after* yielding one of these. cache: KV caches to use
+    (fresh ones from `make_prompt_cache` if None).
     Yields python ints as soon as each is known (a streaming generator).
     """
     raise NotImplementedError(
