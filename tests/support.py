@@ -7,6 +7,7 @@ import contextlib
 import re
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
 
@@ -62,3 +63,36 @@ def raises(expected, why: str, match: str | None = None):
                         f"{match!r}: {why}")
         return
     pytest.fail(f"expected {getattr(expected, '__name__', expected)}, but nothing was raised: {why}")
+
+
+# Comparing floats on any backend ---------------------------------------------------------------
+# A batched row and its unbatched run, a tree call and the plain forwards, a cache fed in pieces
+# and one fresh forward: each pair batches its matrix products differently, so the last bits
+# differ. On the CPU float32 keeps that tiny; a GPU may run float32 matmuls in TF32 (a 10-bit
+# mantissa; MLX's CUDA backend does), which moves logits by up to ~1e-3 of their scale. A real bug
+# (a cache holding the wrong tokens, a position off by one) is off by order 1 on the tiny llama,
+# far beyond either tolerance. Tokens, offsets and shapes are always compared exactly.
+ON_CPU = mx.default_device().type == mx.cpu
+REL_TOL = 1e-5 if ON_CPU else 1e-2
+
+
+def tolerance(want) -> float:
+    """The largest |got - want| allowed: REL_TOL of the values' scale (at least 1)."""
+    return REL_TOL * max(1.0, float(np.abs(np.asarray(want, dtype=np.float64)).max()))
+
+
+def assert_close(got, want, message: str) -> None:
+    """max |got - want| <= tolerance(want), else fail with `message` and the numbers."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    error, bound = np.abs(got - want).max(), tolerance(want)
+    assert error <= bound, (
+        f"{message} (max |difference| {error:.2e}, allowed {bound:.2e} on {mx.default_device()})"
+    )
+
+
+def logits_atol(expected) -> float:
+    """Absolute tolerance for logits computed two ways: 1e-4 on the CPU, 1e-2 of the row's scale
+    on a GPU (TF32)."""
+    if ON_CPU:
+        return 1e-4
+    return 1e-2 * max(1.0, float(np.abs(np.asarray(expected)).max()))

@@ -4,7 +4,6 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
 
 from specdec.kit.grade import TaskResult, failure_line, print_scoreboard
 from specdec.kit.impl import EXERCISE_MODULES, get_impl

@@ -12,7 +12,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from scipy import stats
 
 from specdec.kit.models import MarkovLM
-from support import mlx_lm_greedy, raises
+from support import logits_atol, mlx_lm_greedy, raises
 
 CHAPTER = "see book/src/week1-02-autoregressive-loop.md"
 
@@ -42,19 +42,6 @@ class CountingModel:
 
     def make_cache(self):
         return make_prompt_cache(self.model)
-
-
-def logits_atol(expected: np.ndarray) -> float:
-    """Tolerance for logits computed two ways (a cache fed in pieces vs one fresh forward).
-
-    The two sides batch their matrix products differently, so the last bits differ. On the CPU,
-    float32 keeps that below 1e-4. GPU backends may run float32 matmuls in TF32 (a 10-bit
-    mantissa): allow 1e-2 of the row's scale there. A cache holding the wrong tokens is off by
-    order 1 on the tiny llama (logits of scale ~8), far beyond either tolerance.
-    """
-    if mx.default_device().type == mx.cpu:
-        return 1e-4
-    return 1e-2 * max(1.0, float(np.abs(expected).max()))
 
 
 # Task 1: prefill --------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
-from support import raises
+from support import logits_atol, raises
 
 CHAPTER = "see book/src/week1-04-kv-rollback.md"
 TOKENS = [5, 17, 3, 42, 8, 8, 60, 1, 33, 12]
@@ -50,19 +50,6 @@ def test_task_1_empty_cache_raises(impl):
 
 
 # Task 2: rollback -------------------------------------------------------------------------------
-def logits_atol(expected: np.ndarray) -> float:
-    """Tolerance for logits computed two ways (a cache fed in pieces vs one fresh forward).
-
-    The two sides batch their matrix products differently, so the last bits differ. On the CPU,
-    float32 keeps that below 1e-4. GPU backends may run float32 matmuls in TF32 (a 10-bit
-    mantissa): allow 1e-2 of the row's scale there. A cache holding the wrong tokens is off by
-    order 1 on the tiny llama (logits of scale ~8), far beyond either tolerance.
-    """
-    if mx.default_device().type == mx.cpu:
-        return 1e-4
-    return 1e-2 * max(1.0, float(np.abs(expected).max()))
-
-
 def assert_same_logits(got: mx.array, expected: mx.array, what: str) -> None:
     expected = np.array(expected)
     np.testing.assert_allclose(

@@ -20,7 +20,7 @@ from scipy import stats as scipy_stats
 
 from specdec.kit.models import MarkovLM, markov_pair, tiny_llama_pair
 from specdec.kit.stats import SpecStats
-from support import CallCounter, mlx_lm_greedy, raises
+from support import CallCounter, logits_atol, mlx_lm_greedy, raises
 
 # The earlier tasks the loop stands on: graded elsewhere, taken from the reference here.
 EARLIER_TASKS = (
@@ -52,19 +52,6 @@ def models_by_name(name, markov_models, llama_models, identical_llama_models):
         "llama": llama_models,
         "llama-identical": identical_llama_models,
     }[name]
-
-
-def logits_atol(expected: np.ndarray) -> float:
-    """Tolerance for logits computed two ways (a cache fed in pieces vs one fresh forward).
-
-    The two sides batch their matrix products differently, so the last bits differ. On the CPU,
-    float32 keeps that below 1e-4. GPU backends may run float32 matmuls in TF32 (a 10-bit
-    mantissa): allow 1e-2 of the row's scale there. A cache holding the wrong tokens is off by
-    order 1 on the tiny llama (logits of scale ~8), far beyond either tolerance.
-    """
-    if mx.default_device().type == mx.cpu:
-        return 1e-4
-    return 1e-2 * max(1.0, float(np.abs(expected).max()))
 
 
 def fresh_next_logits(model, tokens: list[int]) -> np.ndarray:

@@ -15,7 +15,7 @@ from scipy import stats as scipy_stats
 
 from specdec.kit.models import MarkovLM, markov_pair, model_vocab_size, random_transitions, tiny_llama_pair
 from specdec.kit.stats import SpecStats
-from support import CallCounter, mlx_lm_greedy, raises
+from support import CallCounter, assert_close, mlx_lm_greedy, raises
 
 # What batched_speculative_decode stands on: graded elsewhere, taken from the reference here.
 EARLIER_TASKS = (
@@ -52,22 +52,6 @@ def identical_markov_models():
 def identical_llama_models():
     """A draft that *is* the target: greedy drafting is always fully accepted."""
     return tiny_llama_pair(seed=0, noise=0.0)
-
-
-# Floats are compared with a tolerance that fits the device. On the CPU a batched row and its
-# unbatched run agree to float32 rounding; a GPU may run float32 matmuls in TF32 (CUDA does), which
-# moves logits by up to ~1e-3 of their scale. Tokens, offsets and shapes are compared exactly.
-ON_CPU = mx.default_device().type == mx.cpu
-REL_TOL = 1e-5 if ON_CPU else 1e-2
-
-
-def assert_close(got, want, message: str) -> None:
-    """max |got - want| <= REL_TOL * max(1, max |want|), else fail with `message` and the numbers."""
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    error, bound = np.abs(got - want).max(), REL_TOL * max(1.0, np.abs(want).max())
-    assert error <= bound, (
-        f"{message} (max |difference| {error:.2e}, allowed {bound:.2e} on {mx.default_device()})"
-    )
 
 
 def fresh_next_logits(model, tokens: list[int]) -> np.ndarray:
@@ -138,7 +122,7 @@ def check_rows(model, cache, sequences, feed, where, sizes):
     """Feed one column block `feed` [B, U] and compare each row with a fresh unbatched prefill.
 
     sizes: every layer's size() before the rollback (it must not change)."""
-    B, U = len(sequences), len(feed[0])
+    B = len(sequences)
     assert [layer.size() for layer in cache] == sizes, (
         f"{where}: rollback_rows must not change any layer's size() (the last used column): "
         f"it was {sizes}, now {[layer.size() for layer in cache]}. The kept entries stay where "

@@ -16,7 +16,7 @@ from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
 from specdec.kit.models import tiny_llama, tiny_llama_pair
 from specdec.kit.stats import SpecStats
-from support import CallCounter, mlx_lm_greedy, raises
+from support import CallCounter, assert_close, mlx_lm_greedy, raises, tolerance
 
 BOOK = "see book/src/week3-04-token-trees.md"
 PROMPT = [3, 9, 2, 7, 11, 4]
@@ -25,27 +25,6 @@ PROMPT = [3, 9, 2, 7, 11, 4]
 #                   a  b  c  d  e  f
 EXAMPLE_PARENTS = [-1, -1, 0, 0, 1, 2]
 EXAMPLE_TOKENS = [10, 20, 30, 40, 50, 60]
-
-
-# Floats are compared with a tolerance that fits the device. On the CPU a tree call and the
-# plain forwards agree to float32 rounding; a GPU may run float32 matmuls in TF32 (CUDA does),
-# which moves logits by up to ~1e-3 of their scale. Tokens, offsets and shapes are compared exactly.
-ON_CPU = mx.default_device().type == mx.cpu
-REL_TOL = 1e-5 if ON_CPU else 1e-2
-
-
-def tolerance(want) -> float:
-    """The largest |got - want| allowed: REL_TOL of the values' scale (at least 1)."""
-    return REL_TOL * max(1.0, float(np.abs(np.asarray(want, dtype=np.float64)).max()))
-
-
-def assert_close(got, want, message: str) -> None:
-    """max |got - want| <= tolerance(want), else fail with `message` and the numbers."""
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    error, bound = np.abs(got - want).max(), tolerance(want)
-    assert error <= bound, (
-        f"{message} (max |difference| {error:.2e}, allowed {bound:.2e} on {mx.default_device()})"
-    )
 
 
 def path_to(node, parents):

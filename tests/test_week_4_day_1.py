@@ -16,7 +16,6 @@ alarms) and reject every broken variant of it (no missed bugs).
 
 import dataclasses
 import json
-import math
 import re
 from collections import Counter
 from types import SimpleNamespace

@@ -31,7 +31,7 @@ from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 from scipy import stats as scipy_stats
 
 from specdec.kit.models import markov_pair, tiny_llama_pair
-from support import mlx_lm_greedy, raises
+from support import assert_close, mlx_lm_greedy, raises
 
 # What the scheduler stands on: graded elsewhere, taken from the reference here.
 EARLIER_TASKS = (
@@ -47,16 +47,6 @@ EARLIER_TASKS = (
     "batched.draft_batch",
 )
 TASK_1, TASK_2, TASK_3 = "serving.find_stop", "serving.prefill_request", "serving.Scheduler.admit"
-
-ON_CPU = mx.default_device().type == mx.cpu
-REL_TOL = 1e-5 if ON_CPU else 1e-2
-
-
-def assert_close(got, want, message: str) -> None:
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    error, bound = np.abs(got - want).max(), REL_TOL * max(1.0, np.abs(want).max())
-    assert error <= bound, f"{message} (max |difference| {error:.2e}, allowed {bound:.2e})"
-
 
 def fresh_next_logits(model, tokens: list[int]) -> np.ndarray:
     cache = make_prompt_cache(model)
