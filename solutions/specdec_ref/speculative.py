@@ -71,9 +71,13 @@ def speculative_generate(
     temperature: 0 gives exactly the target's greedy output; > 0 needs `key` and gives samples
         distributed exactly as the target's (split the key per round for drafting and verifying).
     eos_token_ids: stop right after yielding one of these, even inside an accepted block.
-    stats: if given, filled in place (`stats.record_round` once per target call; count
-        `stats.draft_calls`). on_round: if given, called after each round as
-        on_round(num_drafted, num_accepted) — Week 3's adaptive lookahead hooks in here.
+    stats: if given, filled in place: `stats.record_round(K, n, emitted)` once per target call,
+        with this round's K, verification's n (even drafts EOS cut off) and the tokens yielded
+        in this round (not the running total); add the draft forward calls to
+        `stats.draft_calls`. on_round: if given, called once per round as
+        on_round(num_drafted, num_accepted), the last round cut short by EOS or max_tokens
+        included — Week 3's adaptive lookahead hooks in here.
+    max_tokens=0 yields nothing and runs no round (no model call).
     Yields (token, from_draft) as soon as a round is verified: from_draft is True for accepted
     draft tokens and False for the target's correction or bonus token.
     Each round: draft K tokens, one target call on the tokens it has not seen + the K drafts
@@ -101,14 +105,21 @@ def speculative_generate(
 
         start = time.perf_counter()
         draft_tokens, q_draft = decoder.draft_generation(draft_unseen, K, temperature, key_draft)
-        mx.eval(draft_tokens, q_draft)
-        K = draft_tokens.shape[0]  # a drafter may propose fewer tokens than asked
-        drafted = time.perf_counter()
+        K = draft_tokens.shape[0]  # a drafter may propose fewer tokens than asked (shapes are known lazily)
 
         # One target call scores every draft (and, on the first round, prefills the prompt).
+        # Python builds the target's graph while the drafts are still being computed: no host
+        # sync between drafting and verifying (mlx-lm's loop does the same).
+        built = time.perf_counter()
         target_inputs = mx.concatenate([target_unseen, draft_tokens])
         logits = decoder.target_model(target_inputs[None], cache=decoder.target_cache)
         target_logits = logits[0, -(K + 1) :]
+        build_s = time.perf_counter() - built
+        if stats is not None:
+            # The draft/verify split (adaptive K's goodput policy reads it): wait for the drafts
+            # only, then move the target's graph-building time over to the verify side.
+            mx.eval(draft_tokens)
+        drafted = time.perf_counter() - build_s
         num_accepted, tokens = verify_speculation(
             draft_tokens, target_logits, q_draft, temperature, key_verify
         )

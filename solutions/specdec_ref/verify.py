@@ -21,8 +21,10 @@ def verify_greedy(draft_tokens: mx.array, target_logits: mx.array) -> tuple[int,
     accepted drafts followed by argmax(target_logits[n]) — the target's correction at the first
     mismatch, or the bonus token when all K were accepted.
     """
-    drafts = mx.array(draft_tokens).reshape(-1).tolist()
-    choices = mx.argmax(target_logits, axis=-1).tolist()  # one host sync for the whole round
+    drafts = mx.array(draft_tokens).reshape(-1)
+    choices = mx.argmax(target_logits, axis=-1)
+    mx.eval(drafts, choices)  # one host sync for the whole round: drafts and target together
+    drafts, choices = drafts.tolist(), choices.tolist()
     n = 0
     while n < len(drafts) and drafts[n] == choices[n]:
         n += 1

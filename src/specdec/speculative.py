@@ -54,9 +54,13 @@ def speculative_generate(
     temperature: 0 gives exactly the target's greedy output; > 0 needs `key` and gives samples
         distributed exactly as the target's (split the key per round for drafting and verifying).
     eos_token_ids: stop right after yielding one of these, even inside an accepted block.
-    stats: if given, filled in place (`stats.record_round` once per target call; count
-        `stats.draft_calls`). on_round: if given, called after each round as
-        on_round(num_drafted, num_accepted) — Week 3's adaptive lookahead hooks in here.
+    stats: if given, filled in place: `stats.record_round(K, n, emitted)` once per target call,
+        with this round's K, verification's n (even drafts EOS cut off) and the tokens yielded
+        in this round (not the running total); add the draft forward calls to
+        `stats.draft_calls`. on_round: if given, called once per round as
+        on_round(num_drafted, num_accepted), the last round cut short by EOS or max_tokens
+        included — Week 3's adaptive lookahead hooks in here.
+    max_tokens=0 yields nothing and runs no round (no model call).
     Yields (token, from_draft) as soon as a round is verified: from_draft is True for accepted
     draft tokens and False for the target's correction or bonus token.
     Each round: draft K tokens, one target call on the tokens it has not seen + the K drafts
