@@ -225,3 +225,9 @@ def test_serve_is_a_command_whose_flags_the_server_checks(capsys):
     assert "--port -1" in err and "65535" in err, f"`specdec serve` hands its flags to kit.server: {err!r}"
     assert main(["serve", "--help"]) == 0
     assert "--max-batch" in capsys.readouterr().out
+
+
+def test_bench_suite_hands_its_flags_to_the_suite(capsys, tmp_path):
+    assert main(["bench", "--suite", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--sections" in out, f"`bench --suite --help` shows the suite's flags:\n{out}"

@@ -4,6 +4,7 @@
     specdec generate --plain               # the target alone, one token per call
     specdec generate --impl student        # the same with your own tree (src/specdec)
     specdec bench --prompts 10             # plain vs speculative: tokens/s, speedup, acceptance
+    specdec bench --suite --out report     # the Week 4 Day 5 suite: JSON, Markdown, plots
     specdec serve --port 8000              # an OpenAI-compatible server (Week 4 Day 4)
     specdec grade --week 2                 # your scoreboard
     specdec doctor                         # MLX, device, BLAS, embedded models
@@ -69,6 +70,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         argv = sys.argv[1:]
     if serve.is_serve(argv):  # the server parses its own flags
         return serve.run(argv[1:])
+    if argv[:1] == ["bench"] and "--suite" in argv:  # so does the benchmark suite (kit.suite)
+        return bench.run_suite([a for a in argv[1:] if a != "--suite"])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error argparse already printed

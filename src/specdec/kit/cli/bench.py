@@ -26,7 +26,20 @@ def add_parser(sub) -> None:
     b.add_argument("--prompts", type=int, default=10, help="prompts (batches with --batch), default 10")
     b.add_argument("--eos", action="store_true", help="stop at EOS (default: ignore it, equal lengths)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--suite", action="store_true",
+                   help="the full benchmark suite of Week 4 Day 5 instead (JSON, Markdown, plots; "
+                        "its own flags: `specdec bench --suite --help`)")
     b.set_defaults(func=run)
+
+
+def run_suite(argv: list[str]) -> int:
+    """`specdec bench --suite ...`: hand the other arguments to kit.suite, which owns its flags."""
+    from specdec.kit.suite import main as suite_main
+
+    try:
+        return suite_main(argv)
+    except SystemExit as e:  # --help, or a usage error argparse already printed
+        return int(e.code or 0)
 
 
 # Prompts -----------------------------------------------------------------------------------------
