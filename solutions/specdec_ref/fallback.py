@@ -743,6 +743,18 @@ def batched_fallback_decode(
             if len(outputs[r]) < max_tokens and out[-1] not in eos:
                 keep.append(b)
                 drops.append(K - n)
+        caches = [target_cache] + ([draft_cache] if draft_cache is not None else [])
+        if keep and len(keep) < len(rows):
+            for cache in caches:
+                filter_rows(cache, keep)
+            rows = [rows[b] for b in keep]
+            row_keys = [row_keys[b] for b in keep]
+        if keep and K > 0:
+            for cache in caches:
+                rollback_rows(cache, drops)
+        # Timed after the rollback: moving every row's KV entries is part of what a speculative
+        # round costs a batch (plain rounds pay no rollback), and a controller that does not see
+        # it keeps speculating where it loses.
         verified = time.perf_counter()
         if K == 0:
             if prefilled:
@@ -761,15 +773,6 @@ def batched_fallback_decode(
             stats.verify_time_s += verified - drafted
         if not keep:
             break
-        caches = [target_cache] + ([draft_cache] if draft_cache is not None else [])
-        if len(keep) < len(rows):
-            for cache in caches:
-                filter_rows(cache, keep)
-            rows = [rows[b] for b in keep]
-            row_keys = [row_keys[b] for b in keep]
-        if K > 0:
-            for cache in caches:
-                rollback_rows(cache, drops)
         for cache in caches:
             if min(cache[0].left_padding.tolist()) >= SHARED_PADDING_LIMIT:
                 filter_rows(cache, list(range(len(rows))))
