@@ -301,6 +301,19 @@ def test_task_2_hysteresis_band(impl, use_ref):
     )
 
 
+def test_task_2_a_batched_round_counts_once_per_row(impl, use_ref):
+    use_ref(*ESTIMATES)
+    c = impl.fallback.FallbackController(margin=0.05)
+    c.update(0, 0, None, 0.01)
+    c.update(0, 0, None, 0.01)
+    c.observe_draft_step(0.001)
+    k = c.update(4, [0] * 8, 0.004, 0.016)  # one batched round of 8 rows, nothing accepted
+    assert k == 0 and not c.speculating, (
+        "a batched round of 8 rows is 8 row-rounds of evidence (>= MIN_ROUNDS): with nothing "
+        f"accepted, G* < 1 and the batch goes plain after one round; got K = {k} ({CHAPTER})"
+    )
+
+
 # Task 3: the controller's side of faults ----------------------------------------------------------
 def test_task_3_disable_draft(impl, use_ref):
     use_ref(*ESTIMATES, *DECISIONS)

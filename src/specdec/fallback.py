@@ -35,7 +35,8 @@ from .speculative import commit_round
 from .theory import expected_tokens_per_round
 from .verify import verify_speculation
 
-MIN_ROUNDS = 4  # speculative rounds of evidence before alpha alone may end speculation
+MIN_ROUNDS = 4  # row-rounds of evidence before alpha alone may end speculation (a batch of B
+# rows brings B per round)
 
 
 class FallbackController:
@@ -186,7 +187,8 @@ class FallbackController:
           - c or v unknown: the tentative K = min(initial_lookahead, cap) (the loop then times a
             draft step) — unless `could_win()` is False: plain mode, 0.
           - `could_win()` False: plain mode, 0, no probes.
-          - no alpha yet (`rounds` empty), or speculating with fewer than MIN_ROUNDS rounds:
+          - no alpha yet (`rounds` empty), or speculating with fewer than MIN_ROUNDS row-rounds
+            (a round of a batch counts once per row):
             speculating -> min(initial_lookahead, cap) (one early round must not set K);
             plain -> a probe at that K once until_probe <= 0 (probing = True), else 0.
           - speculating: (K*, G*) = best_lookahead(); leave for plain mode (return 0, set
