@@ -113,8 +113,13 @@ def test_task_1_costs_in_plain_steps(impl):
         f"v(K) = a + b K is the least-squares line through (0, 1) and (K_r, seconds_r / s) for "
         f"each verify time; expected (a, b) = ({a:.4f}, {b:.4f}), got {line}"
     )
-    assert c.verify_cost(3) == pytest.approx(max(1.0, a + 3 * b)) and c.verify_cost(0) == 1.0, (
-        "a K never verified gets v(K) = max(1, a + b K) from the line"
+    assert c.verify_cost(5) == pytest.approx(max(1.0, a + 5 * b)) and c.verify_cost(0) == 1.0, (
+        "a K above every verified one gets v(K) = max(1, a + b K) from the line"
+    )
+    assert c.verify_cost(3) == pytest.approx(0.015 / 0.011) and c.verify_cost(1) == pytest.approx(0.012 / 0.011), (
+        "a K never verified, below a verified one, costs the measured v of the nearest larger K "
+        "(an upper bound: a speculative round's fixed costs make the line through (0, 1) too "
+        "optimistic below what was measured)"
     )
     c.verify_times.append((4, 0.019))
     assert c.verify_cost(4) == pytest.approx((0.015 + 0.019) / 2 / 0.011), (
@@ -151,8 +156,8 @@ def test_task_1_goodput_and_best_lookahead(impl, ref):
     alpha, cost = 8 / 10, 0.1
     a, b = c.verify_line()
 
-    def v(k):  # measured where verified (K = 4: 1.4, K = 1: 1.1), the line elsewhere
-        return {4: 1.4, 1: 1.1}.get(k, max(1.0, a + b * k))
+    def v(k):  # measured where verified (K = 4: 1.4, K = 1: 1.1), the nearest larger measured
+        return {4: 1.4, 1: 1.1}.get(k, 1.4 if k < 4 else max(1.0, a + b * k))  # K, else the line
 
     assert c.goodput(3) == pytest.approx(ref.theory.expected_tokens_per_round(alpha, 3) / (3 * cost + v(3))), (
         "G(K) = E(alpha, K) / (K c + v(K)), in tokens per plain step"
@@ -209,8 +214,20 @@ def test_task_2_calibrates_then_speculates(impl, ref, use_ref):
     assert c.needs_draft_step
     assert c.observe_draft_step(0.001) == 3
     ks = [winning_round(c, c.lookahead, c.lookahead) for _ in range(8)]  # every draft accepted
-    a, b = c.verify_line()
-    want, _ = brute_force_best(ref, 1.0, 0.1, lambda k: max(1.0, a + b * k), 8)
+    a, b, s = *c.verify_line(), c.step_time()
+    measured = {}
+    for kr, t in c.verify_times:
+        measured.setdefault(kr, []).append(t / s)
+
+    def v_contract(k):  # verify_cost's contract, from the controller's own verify_times
+        if k in measured:
+            return max(1.0, sum(measured[k]) / len(measured[k]))
+        larger = [kr for kr in measured if kr > k]
+        if larger:
+            return max(1.0, sum(measured[min(larger)]) / len(measured[min(larger)]))
+        return max(1.0, a + b * k)
+
+    want, _ = brute_force_best(ref, 1.0, 0.1, v_contract, 8)
     assert ks[:3] == [3, 3, 3], (
         f"until MIN_ROUNDS rounds of evidence, keep initial_lookahead: one lucky or unlucky round "
         f"must not set K; got {ks}"

@@ -201,15 +201,14 @@ class FallbackController:
     def verify_cost(self, k: int) -> Optional[float]:
         """v(K) in plain steps: 1.0 for K = 0; the mean of seconds / s over the `verify_times`
         entries with this K when there are any (measured beats fitted: the cost curve is rarely
-        a straight line); else max(1, a + b K) from `verify_line`; None if that is unknown."""
+        a straight line); else, when some larger K' was measured, the smallest such K''s
+        measured mean (a shorter verify costs at most that much, and a speculative round's fixed
+        costs — per-row verification, rollback — make the line through (0, 1) too optimistic
+        below what was measured); else max(1, a + b K) from `verify_line`; None if that is
+        unknown. Never below 1."""
         if k == 0:
             return 1.0
-        s = self.step_time()
-        measured = [t for kr, t in self.verify_times if kr == k]
-        if measured and s:
-            return max(1.0, sum(measured) / len(measured) / s)
-        line = self.verify_line()
-        return None if line is None else max(1.0, line[0] + line[1] * k)
+        return _verify_cost(k, _measured_verify(self), self.verify_line())
 
     def goodput(self, k: int, alpha: Optional[float] = None) -> Optional[float]:
         """G(K) = E(alpha, K) / (K c + v(K)) in tokens per plain step; G(0) = 1.
@@ -231,16 +230,13 @@ class FallbackController:
         the line once, not once per K; v(K) as `verify_cost` says.)
         """
         alpha = self.alpha() if alpha is None else alpha
-        c, s, line = self.draft_cost(), self.step_time(), self.verify_line()
+        c, line = self.draft_cost(), self.verify_line()
         if alpha is None or c is None or line is None or self.cap == 0:
             return None
-        measured: dict[int, list[float]] = {}
-        for k, t in self.verify_times:
-            measured.setdefault(k, []).append(t / s)
+        measured = _measured_verify(self)
         best = None
         for k in range(1, self.cap + 1):
-            v = sum(measured[k]) / len(measured[k]) if k in measured else line[0] + line[1] * k
-            g = expected_tokens_per_round(alpha, k) / (k * c + max(1.0, v))
+            g = expected_tokens_per_round(alpha, k) / (k * c + _verify_cost(k, measured, line))
             if best is None or g > best[1]:
                 best = (k, g)
         return best
@@ -383,6 +379,28 @@ class FallbackController:
 
 
 # The loops -----------------------------------------------------------------------------------------
+def _measured_verify(controller) -> dict[int, float]:
+    """{K: mean seconds / s} over the controller's `verify_times` (empty while s is unknown).
+
+    Module-level (not a method) so that the reference's methods also work on a student's class."""
+    s, sums = controller.step_time(), {}
+    if not s:
+        return {}
+    for k, t in controller.verify_times:
+        sums.setdefault(k, []).append(t / s)
+    return {k: sum(v) / len(v) for k, v in sums.items()}
+
+
+def _verify_cost(k: int, measured: dict[int, float], line) -> Optional[float]:
+    """v(K) as `FallbackController.verify_cost` says, from measured means and the fitted line."""
+    if k in measured:
+        return max(1.0, measured[k])
+    larger = [kr for kr in measured if kr > k]
+    if larger:  # the nearest larger K measured: an upper bound, never an optimistic guess
+        return max(1.0, measured[min(larger)])
+    return None if line is None else max(1.0, line[0] + line[1] * k)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """Is this an allocation failure? MemoryError, or a RuntimeError from MLX's allocator (provided).
 

@@ -135,7 +135,11 @@ class FallbackController:
     def verify_cost(self, k: int) -> Optional[float]:
         """v(K) in plain steps: 1.0 for K = 0; the mean of seconds / s over the `verify_times`
         entries with this K when there are any (measured beats fitted: the cost curve is rarely
-        a straight line); else max(1, a + b K) from `verify_line`; None if that is unknown."""
+        a straight line); else, when some larger K' was measured, the smallest such K''s
+        measured mean (a shorter verify costs at most that much, and a speculative round's fixed
+        costs — per-row verification, rollback — make the line through (0, 1) too optimistic
+        below what was measured); else max(1, a + b K) from `verify_line`; None if that is
+        unknown. Never below 1."""
         raise NotImplementedError("Week 4 Day 3 Task 1: FallbackController.verify_cost — see book/src/week4-03-fallback.md")
 
     def goodput(self, k: int, alpha: Optional[float] = None) -> Optional[float]:
