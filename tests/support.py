@@ -22,6 +22,22 @@ def mlx_lm_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
     return [int(token) for token, _ in steps]
 
 
+# What every batched loop stands on (Week 1 Day 1 sampling, Week 2 verification, Week 3 Day 2's
+# padding, rollback and drafting): tests of a later batched task take these from the reference.
+BATCHED_FOUNDATIONS = (
+    "sampling.logits_to_probs",
+    "sampling.top_k_filter",
+    "sampling.top_p_filter",
+    "sampling.sample_token",
+    "verify.verify_greedy",
+    "verify.residual_distribution",
+    "verify.verify_speculation",
+    "batched.left_pad",
+    "batched.rollback_rows",
+    "batched.draft_batch",
+)
+
+
 class CallCounter:
     """A model that counts its forward calls; everything else is the wrapped model's."""
 

@@ -15,21 +15,10 @@ from scipy import stats as scipy_stats
 
 from specdec.kit.models import MarkovLM, markov_pair, model_vocab_size, random_transitions, tiny_llama_pair
 from specdec.kit.stats import SpecStats
-from support import CallCounter, assert_close, mlx_lm_greedy, raises
+from support import BATCHED_FOUNDATIONS, CallCounter, assert_close, mlx_lm_greedy, raises
 
 # What batched_speculative_decode stands on: graded elsewhere, taken from the reference here.
-EARLIER_TASKS = (
-    "sampling.logits_to_probs",
-    "sampling.top_k_filter",
-    "sampling.top_p_filter",
-    "sampling.sample_token",
-    "verify.verify_greedy",
-    "verify.residual_distribution",
-    "verify.verify_speculation",
-    "batched.left_pad",
-    "batched.rollback_rows",
-    "batched.draft_batch",
-)
+EARLIER_TASKS = BATCHED_FOUNDATIONS
 SAMPLING = EARLIER_TASKS[:4]
 
 # Very different lengths on purpose: 1 token next to 40 means lots of left padding.

@@ -31,21 +31,10 @@ from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 from scipy import stats as scipy_stats
 
 from specdec.kit.models import markov_pair, tiny_llama_pair
-from support import assert_close, mlx_lm_greedy, raises
+from support import BATCHED_FOUNDATIONS, assert_close, mlx_lm_greedy, raises
 
 # What the scheduler stands on: graded elsewhere, taken from the reference here.
-EARLIER_TASKS = (
-    "sampling.logits_to_probs",
-    "sampling.top_k_filter",
-    "sampling.top_p_filter",
-    "sampling.sample_token",
-    "verify.verify_greedy",
-    "verify.residual_distribution",
-    "verify.verify_speculation",
-    "batched.left_pad",
-    "batched.rollback_rows",
-    "batched.draft_batch",
-)
+EARLIER_TASKS = BATCHED_FOUNDATIONS
 TASK_1, TASK_2, TASK_3 = "serving.find_stop", "serving.prefill_request", "serving.Scheduler.admit"
 
 def fresh_next_logits(model, tokens: list[int]) -> np.ndarray:
