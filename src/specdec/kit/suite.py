@@ -35,7 +35,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -278,7 +278,6 @@ class _Runner:
         from mlx_lm.generate import speculative_generate_step
         from mlx_lm.sample_utils import make_sampler
 
-        from specdec.kit.stats import SpecStats
 
         mx, K, N = self.mx, self.s.lookahead, self.s.max_tokens
         ours = self.spec_decoder(self.config(), [])
@@ -362,7 +361,6 @@ def pooled(runs: list) -> dict:
 
 
 def environment() -> dict:
-    import mlx.core as mx
 
     from specdec.kit.timing import blas_info
 
@@ -433,8 +431,8 @@ def markdown_report(report: dict) -> str:
              f"- device {env['device']}, BLAS {env['blas']}, OPENBLAS_NUM_THREADS="
              f"{env['openblas_num_threads']}, {env['cpu_count']} CPUs, mlx {env['mlx']}, mlx-lm "
              f"{env['mlx_lm']}, {env['platform']}, {env['date']}",
-             f"- speed-up: median over prompts of tokens/s over plain decoding's on the same prompt; "
-             f"predicted: E / (K c + v(K)) at the measured alpha, c, v(K) (Week 2 Day 5)",
+             "- speed-up: median over prompts of tokens/s over plain decoding's on the same prompt; "
+             "predicted: E / (K c + v(K)) at the measured alpha, c, v(K) (Week 2 Day 5)",
              f"- suite time {report['seconds']:.0f} s", ""]
     if "costs" in res:
         c = res["costs"][0]
@@ -513,24 +511,22 @@ def write_plots(report: dict, out: Path) -> list[Path]:
         ax.invert_yaxis()
         ax.set(xlabel="speed-up over plain (median over prompts)", title="Every setting")
         save(fig, "settings.png")
+    def plain_vs_speculative(section: str, x_key: str, filename: str, **axes) -> None:
+        rows = res[section]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [r[x_key] for r in rows]
+        ax.plot(xs, [r["plain_tokens_per_s"] for r in rows], "o-", label="plain")
+        ax.plot(xs, [r["tokens_per_s"] for r in rows], "s-", label="speculative")
+        ax.set(**axes)
+        ax.legend()
+        save(fig, filename)
+
     if "batch" in res:
-        rows = res["batch"]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        bs = [r["batch_size"] for r in rows]
-        ax.plot(bs, [r["plain_tokens_per_s"] for r in rows], "o-", label="plain")
-        ax.plot(bs, [r["tokens_per_s"] for r in rows], "s-", label="speculative")
-        ax.set(xlabel="batch size", ylabel="tokens/s (all rows)", title="Batched decoding")
-        ax.legend()
-        save(fig, "batch.png")
+        plain_vs_speculative("batch", "batch_size", "batch.png", xlabel="batch size",
+                             ylabel="tokens/s (all rows)", title="Batched decoding")
     if "long_prompts" in res:
-        rows = res["long_prompts"]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ls = [r["prompt_tokens"] for r in rows]
-        ax.plot(ls, [r["plain_tokens_per_s"] for r in rows], "o-", label="plain")
-        ax.plot(ls, [r["tokens_per_s"] for r in rows], "s-", label="speculative")
-        ax.set(xlabel="prompt tokens", ylabel="tokens/s", title="Long prompts", xscale="log")
-        ax.legend()
-        save(fig, "long_prompts.png")
+        plain_vs_speculative("long_prompts", "prompt_tokens", "long_prompts.png", xlabel="prompt tokens",
+                             ylabel="tokens/s", title="Long prompts", xscale="log")
     return paths
 
 
