@@ -253,6 +253,34 @@ def test_task_2_costs_alone_can_rule_speculation_out(impl, use_ref):
     )
 
 
+
+@pytest.mark.parametrize("prompt_tokens, pays", [(400, True), (2000, False)])
+def test_task_2_the_drafts_prompt_prefill_must_pay_back(impl, use_ref, prompt_tokens, pays):
+    """Before its first round the draft must prefill the whole prompt (c target prefills)."""
+    use_ref(*ESTIMATES)
+    c = impl.fallback.FallbackController(probe_every=32)
+    c.observe_prefill(prompt_tokens, prompt_tokens * 0.001)  # 0.1 plain steps per prompt token
+    c.update(0, 0, None, 0.01)
+    c.update(0, 0, None, 0.01)
+    c.observe_draft_step(0.003)  # c = 0.3: G*(alpha = 1) is about 2.15 at K = 8
+    g_best = c.best_lookahead(alpha=1.0)[1]
+    catch_up = 0.3 * prompt_tokens * 0.001 / 0.01
+    saving = 32 * (1 - 1 / g_best)
+    assert c.could_win() is pays, (
+        f"a {prompt_tokens}-token prompt costs the draft about c * prefill / s = {catch_up:.0f} plain "
+        f"steps before its first round; the best saving over probe_every = 32 tokens is "
+        f"32 * (1 - 1 / G*) = {saving:.1f} steps, so could_win() must be {pays} ({CHAPTER})"
+    )
+    if not pays:
+        ks = [c.update(0, 0, None, 0.01) for _ in range(100)]
+        assert set(ks) == {0}, f"a catch-up that cannot pay back rules out probes too; got K = {sorted(set(ks))}"
+    c.update(4, 4, 0.012, 0.014)  # a speculative round ran: the draft has seen the prompt
+    assert c.could_win(), (
+        "once a speculative round has run (verify_times is not empty) the draft has caught up on the "
+        "prompt: only alpha = 1's goodput decides could_win"
+    )
+
+
 def dropped_controller(impl, probe_every=4, max_backoff=4):
     """Calibrated on winning costs, then rounds where nothing is accepted: it leaves speculation."""
     c = impl.fallback.FallbackController(probe_every=probe_every, max_backoff=max_backoff, margin=0.05)
@@ -794,3 +822,38 @@ def test_task_5_faults(impl, ref, use_ref, llama_models):
             f"repeated.\n got      {got}\n expected {expected} ({CHAPTER})"
         )
         assert controller.faults, f"{name}: the fault must be reported through the controller"
+
+
+def test_task_5_alpha_comes_from_the_rows_furthest_behind(impl, use_ref, markov_models, monkeypatch):
+    """A batch ends when its last row does: each round reports the rows with the fewest tokens."""
+    use_ref(*EARLIER_WEEKS, "fallback.is_out_of_memory")
+    verified = []
+    real_verify = impl.fallback.verify_speculation
+
+    def spy(*args, **kwargs):
+        n, tokens = real_verify(*args, **kwargs)
+        verified.append(n)
+        return n, tokens
+
+    monkeypatch.setattr(impl.fallback, "verify_speculation", spy)
+    controller, max_tokens = ScheduleController([0, 0, 3]), 24
+    run_batch(impl, markov_models, controller, max_tokens=max_tokens)
+    first = 1 if hasattr(controller, "prefill") else 0  # the prompts' plain call: one token each
+    lengths, live, calls, diverged = [first] * len(BATCH), list(range(len(BATCH))), iter(verified), False
+    for k, counts, _, _ in controller.updates:
+        if k == 0:
+            lengths = [n + 1 if r in live else n for r, n in enumerate(lengths)]
+        else:
+            ns = {r: next(calls) for r in live}
+            behind = min(lengths[r] for r in live)
+            want = [ns[r] for r in live if lengths[r] == behind]
+            diverged |= len(want) < len(live)
+            assert list(counts) == want, (
+                f"a batched round drafting {k}: rows {live} hold {[lengths[r] for r in live]} tokens "
+                f"and accepted {[ns[r] for r in live]}; report the counts of the rows furthest behind "
+                f"(fewest tokens before the round), {want}, not {list(counts)}: the batch ends when "
+                f"its last row does, so their alpha is the one that pays ({CHAPTER})"
+            )
+            lengths = [min(n + ns[r] + 1, max_tokens) if r in live else n for r, n in enumerate(lengths)]
+        live = [r for r in live if lengths[r] < max_tokens]
+    assert diverged, "the test needs rows that drift apart (check the Markov pair's acceptance)"

@@ -280,10 +280,22 @@ class FallbackController:
         """Could any K beat plain by the margin with a perfect draft (alpha = 1)?
 
         True while c or v is unknown. Costs belong to the machine and the models, not to the
-        text: when even alpha = 1 cannot give G > 1 + margin, probing is pointless.
+        text: when even alpha = 1 cannot give G* = G(K*) > 1 + margin, probing is pointless.
+        Before the first speculative round (`verify_times` empty) the draft has not seen the
+        prompt yet: its first round also prefills it, about c * (prefill seconds) / s plain steps
+        (the draft costs c target steps per step, so about c target prefills per prefill). Then
+        it is also False when the best conceivable saving over the next `probe_every` tokens,
+        probe_every * (1 - 1 / G*), does not pay for that catch-up.
         """
         best = self.best_lookahead(alpha=1.0)
-        return best is None or best[1] > 1.0 + self.margin
+        if best is None:
+            return True
+        if best[1] <= 1.0 + self.margin:
+            return False
+        if self.verify_times or self.prefill is None:
+            return True
+        catch_up = self.draft_cost() * self.prefill[1] / self.step_time()  # in plain steps
+        return self.probe_every * (1.0 - 1.0 / best[1]) > catch_up
 
     def decide(self) -> int:
         """The next K, and the mode change behind it.
@@ -632,7 +644,8 @@ def batched_fallback_decode(
         at the first draft round from each live row's committed tokens (`left_pad`); after m
         plain rounds every row's draft lags by the same m + 2 tokens, fed in one [B, m + 2]
         call. `draft_batch`, one target call, `verify_speculation` per row, `rollback_rows` on
-        both caches; update(K, [n_i per live row], draft seconds, verify seconds).
+        both caches; update(K, [n_i of the live rows furthest behind — fewest tokens before the
+        round: the batch ends when its last row does], draft seconds, verify seconds).
     Rows that finish leave both caches (`filter_rows`). Faults as in `fallback_generate`; an
     allocation failure at K = 0 (memory_pressure() returns False) with B > 1 lowers the batch:
     each half of the live rows is finished by its own call on (prompt + tokens so far).
@@ -672,6 +685,18 @@ def batched_fallback_decode(
                 temperature, half_key, eos_token_ids, stats, memory_limit_mb)
             for r, extra in zip(half, more):
                 outputs[r] += extra[: max_tokens - len(outputs[r])]
+
+    def plain_batch_tokens(last_logits: mx.array) -> list[int]:
+        """Every live row's next token from its last logits [B, V]: argmax, or a sample with
+        the row's own key (split per round)."""
+        if not sampling:
+            return mx.argmax(last_logits, axis=-1).tolist()
+        subkeys = []
+        for b in range(len(rows)):
+            row_keys[b], subkey = mx.random.split(row_keys[b])
+            subkeys.append(subkey)
+        probs = make_probs(last_logits, temperature)
+        return mx.stack([sample_token(probs[b], k) for b, k in enumerate(subkeys)]).tolist()
 
     mark = time.perf_counter()
     while rows:
@@ -713,7 +738,10 @@ def batched_fallback_decode(
             else:
                 inputs = target_inputs
             target_logits = target_model(inputs, cache=target_cache)[:, -(K + 1):]
-            mx.eval(target_logits)
+            if K == 0:  # every row's next token, with one host sync for the batch
+                plain_tokens = plain_batch_tokens(target_logits[:, -1])
+            else:
+                mx.eval(target_logits)
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
@@ -731,18 +759,8 @@ def batched_fallback_decode(
                 return outputs
             continue
 
-        if K == 0:  # every row's next token, with one host sync for the batch
-            if sampling:
-                subkeys = []
-                for b in range(len(rows)):
-                    row_keys[b], subkey = mx.random.split(row_keys[b])
-                    subkeys.append(subkey)
-                probs = make_probs(target_logits[:, -1], temperature)
-                plain_tokens = mx.stack([sample_token(probs[b], k) for b, k in enumerate(subkeys)])
-            else:
-                plain_tokens = mx.argmax(target_logits[:, -1], axis=-1)
-            plain_tokens = plain_tokens.tolist()
         keep, drops, counts = [], [], []
+        behind = min(len(outputs[r]) for r in rows)  # the batch ends when its last row does
         for b, r in enumerate(rows):
             if K == 0:
                 n, new_tokens = 0, [plain_tokens[b]]
@@ -758,7 +776,8 @@ def batched_fallback_decode(
                 if token in eos:
                     break
             outputs[r] += out
-            counts.append(n)
+            if len(outputs[r]) - len(out) == behind:
+                counts.append(n)
             if stats is not None:
                 stats.record_round(K, n, len(out))
             if len(outputs[r]) < max_tokens and out[-1] not in eos:
@@ -794,12 +813,12 @@ def batched_fallback_decode(
             stats.verify_time_s += verified - drafted
         if not keep:
             break
-        for cache in caches:
+        for cache in caches if K > 0 else ():  # only a rollback adds padding
             if min(cache[0].left_padding.tolist()) >= SHARED_PADDING_LIMIT:
                 filter_rows(cache, list(range(len(rows))))
         if _over_limit(memory_limit_mb) and not controller.memory_pressure() and len(rows) > 1:
             finish_in_halves()
             return outputs
-        target_inputs = mx.array([[sequence(r)[-1]] for r in rows], dtype=mx.int32)
+        target_inputs = mx.array([[outputs[r][-1]] for r in rows], dtype=mx.int32)
         mark = time.perf_counter()
     return outputs

@@ -179,7 +179,12 @@ class FallbackController:
         """Could any K beat plain by the margin with a perfect draft (alpha = 1)?
 
         True while c or v is unknown. Costs belong to the machine and the models, not to the
-        text: when even alpha = 1 cannot give G > 1 + margin, probing is pointless.
+        text: when even alpha = 1 cannot give G* = G(K*) > 1 + margin, probing is pointless.
+        Before the first speculative round (`verify_times` empty) the draft has not seen the
+        prompt yet: its first round also prefills it, about c * (prefill seconds) / s plain steps
+        (the draft costs c target steps per step, so about c target prefills per prefill). Then
+        it is also False when the best conceivable saving over the next `probe_every` tokens,
+        probe_every * (1 - 1 / G*), does not pay for that catch-up.
         """
         raise NotImplementedError("Week 4 Day 3 Task 2: FallbackController.could_win — see book/src/week4-03-fallback.md")
 
@@ -332,7 +337,8 @@ def batched_fallback_decode(
         at the first draft round from each live row's committed tokens (`left_pad`); after m
         plain rounds every row's draft lags by the same m + 2 tokens, fed in one [B, m + 2]
         call. `draft_batch`, one target call, `verify_speculation` per row, `rollback_rows` on
-        both caches; update(K, [n_i per live row], draft seconds, verify seconds).
+        both caches; update(K, [n_i of the live rows furthest behind — fewest tokens before the
+        round: the batch ends when its last row does], draft seconds, verify seconds).
     Rows that finish leave both caches (`filter_rows`). Faults as in `fallback_generate`; an
     allocation failure at K = 0 (memory_pressure() returns False) with B > 1 lowers the batch:
     each half of the live rows is finished by its own call on (prompt + tokens so far).
