@@ -104,7 +104,8 @@ def free_port() -> int:
 
 def spawn(args) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "specdec.kit.server", "--port", str(port), "--target", args.target,
+    # Through the CLI, as a user starts it: on Linux it preloads a system OpenBLAS first.
+    cmd = [sys.executable, "-m", "specdec.kit.cli", "serve", "--port", str(port), "--target", args.target,
            "--max-batch", str(args.max_batch), "--k", str(args.k)]
     cmd += ["--plain"] if args.plain else []
     cmd += [] if args.fallback else ["--no-fallback"]
