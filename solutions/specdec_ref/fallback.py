@@ -775,9 +775,9 @@ def batched_fallback_decode(
                 out.append(token)
                 if token in eos:
                     break
-            outputs[r] += out
-            if len(outputs[r]) - len(out) == behind:
+            if len(outputs[r]) == behind:
                 counts.append(n)
+            outputs[r] += out
             if stats is not None:
                 stats.record_round(K, n, len(out))
             if len(outputs[r]) < max_tokens and out[-1] not in eos:
@@ -813,9 +813,10 @@ def batched_fallback_decode(
             stats.verify_time_s += verified - drafted
         if not keep:
             break
-        for cache in caches if K > 0 else ():  # only a rollback adds padding
-            if min(cache[0].left_padding.tolist()) >= SHARED_PADDING_LIMIT:
-                filter_rows(cache, list(range(len(rows))))
+        if K > 0:  # only a rollback adds padding
+            for cache in caches:
+                if min(cache[0].left_padding.tolist()) >= SHARED_PADDING_LIMIT:
+                    filter_rows(cache, list(range(len(rows))))
         if _over_limit(memory_limit_mb) and not controller.memory_pressure() and len(rows) > 1:
             finish_in_halves()
             return outputs
