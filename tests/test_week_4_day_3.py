@@ -824,8 +824,9 @@ def test_task_5_faults(impl, ref, use_ref, llama_models):
         assert controller.faults, f"{name}: the fault must be reported through the controller"
 
 
-def test_task_5_alpha_comes_from_the_rows_furthest_behind(impl, use_ref, markov_models, monkeypatch):
-    """A batch ends when its last row does: each round reports the rows with the fewest tokens."""
+def test_task_5_a_batch_reports_how_far_its_shortest_row_moved(impl, use_ref, markov_models, monkeypatch):
+    """A batch ends when its last row does: each speculative round reports one count, d - 1,
+    where d is how far the shortest live row's length moved (a row stopped by EOS is done)."""
     use_ref(*EARLIER_WEEKS, "fallback.is_out_of_memory")
     verified = []
     real_verify = impl.fallback.verify_speculation
@@ -836,24 +837,48 @@ def test_task_5_alpha_comes_from_the_rows_furthest_behind(impl, use_ref, markov_
         return n, tokens
 
     monkeypatch.setattr(impl.fallback, "verify_speculation", spy)
-    controller, max_tokens = ScheduleController([0, 0, 3]), 24
-    run_batch(impl, markov_models, controller, max_tokens=max_tokens)
-    first = 1 if hasattr(controller, "prefill") else 0  # the prompts' plain call: one token each
-    lengths, live, calls, diverged = [first] * len(BATCH), list(range(len(BATCH))), iter(verified), False
-    for k, counts, _, _ in controller.updates:
-        if k == 0:
-            lengths = [n + 1 if r in live else n for r, n in enumerate(lengths)]
-        else:
-            ns = {r: next(calls) for r in live}
-            behind = min(lengths[r] for r in live)
-            want = [ns[r] for r in live if lengths[r] == behind]
-            diverged |= len(want) < len(live)
-            assert list(counts) == want, (
-                f"a batched round drafting {k}: rows {live} hold {[lengths[r] for r in live]} tokens "
-                f"and accepted {[ns[r] for r in live]}; report the counts of the rows furthest behind "
-                f"(fewest tokens before the round), {want}, not {list(counts)}: the batch ends when "
-                f"its last row does, so their alpha is the one that pays ({CHAPTER})"
-            )
-            lengths = [min(n + ns[r] + 1, max_tokens) if r in live else n for r, n in enumerate(lengths)]
-        live = [r for r in live if lengths[r] < max_tokens]
-    assert diverged, "the test needs rows that drift apart (check the Markov pair's acceptance)"
+    max_tokens = 24
+    free = run_batch(impl, markov_models, ScheduleController([0]), max_tokens=max_tokens)
+    eos_token = free[0][9]  # a token the first row emits mid-way: rows stop at different times
+    seen = {"drifted": False, "eos": False}
+    for eos in ([], [eos_token]):
+        verified.clear()
+        controller = ScheduleController([0, 0, 3])
+        outputs = run_batch(impl, markov_models, controller, max_tokens=max_tokens, eos_token_ids=eos)
+        first = 1 if hasattr(controller, "prefill") else 0  # the prompts' plain call: one token each
+        lengths, live, calls = [first] * len(BATCH), list(range(len(BATCH))), iter(verified)
+        done = {r for r in live if first and outputs[r][0] in eos}
+
+        def advance(r, gained):
+            """Row r's length after gaining up to `gained` tokens (cut at max_tokens and EOS)."""
+            new = outputs[r][lengths[r] : min(lengths[r] + gained, max_tokens)]
+            cut = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
+            if cut < len(new) or (new[cut - 1] in eos):
+                done.add(r)
+            return lengths[r] + cut
+
+        live = [r for r in live if r not in done]
+        for k, counts, _, _ in controller.updates:
+            if k == 0:
+                for r in list(live):
+                    lengths[r] = advance(r, 1)
+            else:
+                ns = {r: next(calls) for r in live}
+                behind = min(lengths[r] for r in live)
+                seen["drifted"] |= len({lengths[r] for r in live}) > 1
+                for r in live:
+                    lengths[r] = advance(r, ns[r] + 1)
+                lowest = min(max_tokens if r in done else lengths[r] for r in live)
+                seen["eos"] |= any(r in done and lengths[r] < max_tokens for r in live)
+                want = [min(lowest - behind, k + 1) - 1]
+                assert list(counts) == want, (
+                    f"a batched round drafting {k} (eos {eos}): the shortest of rows {live} held "
+                    f"{behind} tokens before the round; after it the rows hold "
+                    f"{[lengths[r] for r in live]} (accepted {[ns[r] for r in live]}, done "
+                    f"{sorted(done & set(live))}), so the shortest live row moved d = "
+                    f"{want[0] + 1}: report [d - 1] = {want}, not {list(counts)}. The batch ends "
+                    f"when its last row does: that is the progress a round buys ({CHAPTER})"
+                )
+            live = [r for r in live if lengths[r] < max_tokens and r not in done]
+    assert seen["drifted"], "the test needs rows that drift apart (check the Markov pair's acceptance)"
+    assert seen["eos"], "the test needs a row stopped by EOS while others decode (check eos_token)"

@@ -35,8 +35,8 @@ from .speculative import commit_round
 from .theory import expected_tokens_per_round
 from .verify import verify_speculation
 
-MIN_ROUNDS = 4  # row-rounds of evidence before alpha alone may end speculation (a batch of B
-# rows brings B per round)
+MIN_ROUNDS = 4  # counts of evidence before alpha alone may end speculation (a round reporting
+# one count per row, as a serving engine's does, brings B)
 
 
 class FallbackController:
@@ -305,8 +305,8 @@ class FallbackController:
           - c or v unknown: the tentative K = min(initial_lookahead, cap) (the loop then times a
             draft step) — unless `could_win()` is False: plain mode, 0.
           - `could_win()` False: plain mode, 0, no probes.
-          - no alpha yet (`rounds` empty), or speculating with fewer than MIN_ROUNDS row-rounds
-            (a round of a batch counts once per row):
+          - no alpha yet (`rounds` empty), or speculating with fewer than MIN_ROUNDS counts
+            (a round counts once per count it reported):
             speculating -> min(initial_lookahead, cap) (one early round must not set K);
             plain -> a probe at that K once until_probe <= 0 (probing = True), else 0.
           - speculating: (K*, G*) = best_lookahead(); leave for plain mode (return 0, set
@@ -328,7 +328,7 @@ class FallbackController:
             return 0
         start = min(self.initial_lookahead, self.cap)
         best = self.best_lookahead()
-        evidence = sum(len(counts) for _, counts in self.rounds)  # row-rounds: B per batched round
+        evidence = sum(len(counts) for _, counts in self.rounds)  # one per count reported
         if best is None or (self.speculating and evidence < MIN_ROUNDS):
             # Too little evidence of alpha (or c unknown: the loop times a draft step first).
             if self.speculating:
@@ -644,8 +644,11 @@ def batched_fallback_decode(
         at the first draft round from each live row's committed tokens (`left_pad`); after m
         plain rounds every row's draft lags by the same m + 2 tokens, fed in one [B, m + 2]
         call. `draft_batch`, one target call, `verify_speculation` per row, `rollback_rows` on
-        both caches; update(K, [n_i of the live rows furthest behind — fewest tokens before the
-        round: the batch ends when its last row does], draft seconds, verify seconds).
+        both caches; update(K, [d - 1], draft seconds, verify seconds), where d is how far the
+        batch's shortest row moved: min over the live rows of their lengths after the round (a row
+        that stopped at EOS counts as max_tokens: it is done) minus the fewest tokens any live row
+        held before it, at most K + 1. The batch ends when its last row does, so that is the
+        progress a round buys: one count per round, whatever the batch size.
     Rows that finish leave both caches (`filter_rows`). Faults as in `fallback_generate`; an
     allocation failure at K = 0 (memory_pressure() returns False) with B > 1 lowers the batch:
     each half of the live rows is finished by its own call on (prompt + tokens so far).
@@ -759,8 +762,9 @@ def batched_fallback_decode(
                 return outputs
             continue
 
-        keep, drops, counts = [], [], []
-        behind = min(len(outputs[r]) for r in rows)  # the batch ends when its last row does
+        keep, drops = [], []
+        # The batch ends when its shortest row does: track how far the minimum length moves.
+        behind, lowest = min(len(outputs[r]) for r in rows), max_tokens
         for b, r in enumerate(rows):
             if K == 0:
                 n, new_tokens = 0, [plain_tokens[b]]
@@ -775,9 +779,8 @@ def batched_fallback_decode(
                 out.append(token)
                 if token in eos:
                     break
-            if len(outputs[r]) == behind:
-                counts.append(n)
             outputs[r] += out
+            lowest = min(lowest, max_tokens if out[-1] in eos else len(outputs[r]))  # EOS: done
             if stats is not None:
                 stats.record_round(K, n, len(out))
             if len(outputs[r]) < max_tokens and out[-1] not in eos:
@@ -804,7 +807,8 @@ def batched_fallback_decode(
             draft_lag += 1
         else:
             caught_up = draft_inputs.shape[1] > 2
-            controller.update(K, counts, None if caught_up else drafted - start, verified - drafted)
+            progress = min(lowest - behind, K + 1)  # 1 .. K + 1 tokens for the batch's last row
+            controller.update(K, [progress - 1], None if caught_up else drafted - start, verified - drafted)
             draft_lag = 2  # the draft holds C[:-2] of every row (see batched.py)
         prefilled = True
         if stats is not None:

@@ -35,8 +35,8 @@ from .speculative import commit_round
 from .theory import expected_tokens_per_round
 from .verify import verify_speculation
 
-MIN_ROUNDS = 4  # row-rounds of evidence before alpha alone may end speculation (a batch of B
-# rows brings B per round)
+MIN_ROUNDS = 4  # counts of evidence before alpha alone may end speculation (a round reporting
+# one count per row, as a serving engine's does, brings B)
 
 
 class FallbackController:
@@ -196,8 +196,8 @@ class FallbackController:
           - c or v unknown: the tentative K = min(initial_lookahead, cap) (the loop then times a
             draft step) — unless `could_win()` is False: plain mode, 0.
           - `could_win()` False: plain mode, 0, no probes.
-          - no alpha yet (`rounds` empty), or speculating with fewer than MIN_ROUNDS row-rounds
-            (a round of a batch counts once per row):
+          - no alpha yet (`rounds` empty), or speculating with fewer than MIN_ROUNDS counts
+            (a round counts once per count it reported):
             speculating -> min(initial_lookahead, cap) (one early round must not set K);
             plain -> a probe at that K once until_probe <= 0 (probing = True), else 0.
           - speculating: (K*, G*) = best_lookahead(); leave for plain mode (return 0, set
@@ -337,8 +337,11 @@ def batched_fallback_decode(
         at the first draft round from each live row's committed tokens (`left_pad`); after m
         plain rounds every row's draft lags by the same m + 2 tokens, fed in one [B, m + 2]
         call. `draft_batch`, one target call, `verify_speculation` per row, `rollback_rows` on
-        both caches; update(K, [n_i of the live rows furthest behind — fewest tokens before the
-        round: the batch ends when its last row does], draft seconds, verify seconds).
+        both caches; update(K, [d - 1], draft seconds, verify seconds), where d is how far the
+        batch's shortest row moved: min over the live rows of their lengths after the round (a row
+        that stopped at EOS counts as max_tokens: it is done) minus the fewest tokens any live row
+        held before it, at most K + 1. The batch ends when its last row does, so that is the
+        progress a round buys: one count per round, whatever the batch size.
     Rows that finish leave both caches (`filter_rows`). Faults as in `fallback_generate`; an
     allocation failure at K = 0 (memory_pressure() returns False) with B > 1 lowers the batch:
     each half of the live rows is finished by its own call on (prompt + tokens so far).
