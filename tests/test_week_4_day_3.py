@@ -254,6 +254,38 @@ def test_task_2_costs_alone_can_rule_speculation_out(impl, use_ref):
 
 
 
+def test_task_2_a_cost_verdict_outlasts_a_drifting_step_time(impl, use_ref):
+    """Measured costs that rule speculation out hold it off until the longest backoff."""
+    use_ref(*ESTIMATES)
+    c = impl.fallback.FallbackController(probe_every=4, max_backoff=4, margin=0.05)
+    c.observe_prefill(8, 0.02)  # the prior looks cheap: a speculative round is tried
+    c.update(0, 0, None, 0.01)
+    c.update(0, 0, None, 0.01)
+    assert c.observe_draft_step(0.001) == 4
+    # Measured: v(4) = 5 plain steps, c = 0.1, so G*(alpha = 1) = 5 / 5.4 < 1 + margin.
+    assert c.update(4, 4, 0.004, 0.05) == 0 and not c.could_win(), (
+        f"v(4) = 5 steps and c = 0.1: not even alpha = 1 can win, so K = 0 ({CHAPTER})"
+    )
+    # The context grows and plain steps slow to 13 ms: at that s the same seconds read
+    # v(4) = 3.85 and G*(alpha = 1) = 1.2, so the verdict flips back although nothing got cheaper.
+    flipped = probe = None
+    for i in range(60):
+        k = c.update(0, 0, None, 0.013)
+        if flipped is None and c.could_win():
+            flipped = i
+        if k > 0:
+            probe = i
+            break
+    assert flipped is not None, "the test needs could_win() to flip back (check the estimates)"
+    longest = 4 * 4
+    assert probe is not None and longest - 1 <= probe - flipped <= longest, (
+        f"could_win() was False on measured costs, then True from plain round {flipped} on as s "
+        f"drifted up; the next probe must wait for the longest backoff, probe_every * max_backoff "
+        f"= {longest} plain rounds (until_probe set again every round the verdict stood), and "
+        f"then come: it came {'never' if probe is None else f'at round {probe}'} ({CHAPTER})"
+    )
+
+
 @pytest.mark.parametrize("prompt_tokens, pays", [(400, True), (2000, False)])
 def test_task_2_the_drafts_prompt_prefill_must_pay_back(impl, use_ref, prompt_tokens, pays):
     """Before its first round the draft must prefill the whole prompt (c target prefills)."""

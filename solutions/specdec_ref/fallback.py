@@ -304,7 +304,10 @@ class FallbackController:
           - fewer than `calibration_rounds` timed plain rounds: 0 (measure the unit first).
           - c or v unknown: the tentative K = min(initial_lookahead, cap) (the loop then times a
             draft step) — unless `could_win()` is False: plain mode, 0.
-          - `could_win()` False: plain mode, 0, no probes.
+          - `could_win()` False: plain mode, 0, and no probe before the longest backoff:
+            probe_interval = until_probe = probe_every * max_backoff, set again every round the
+            verdict stands (costs drift slowly with the context and the load; a verdict near the
+            margin that flips back on that drift would only buy probes that lose); clear `rounds`.
           - no alpha yet (`rounds` empty), or speculating with fewer than MIN_ROUNDS counts
             (a round counts once per count it reported):
             speculating -> min(initial_lookahead, cap) (one early round must not set K);
@@ -325,6 +328,8 @@ class FallbackController:
             return 0
         if not self.could_win():
             self.speculating = self.probing = False
+            self.probe_interval = self.until_probe = self.probe_every * self.max_backoff
+            self.rounds.clear()
             return 0
         start = min(self.initial_lookahead, self.cap)
         best = self.best_lookahead()

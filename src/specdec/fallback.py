@@ -195,7 +195,10 @@ class FallbackController:
           - fewer than `calibration_rounds` timed plain rounds: 0 (measure the unit first).
           - c or v unknown: the tentative K = min(initial_lookahead, cap) (the loop then times a
             draft step) — unless `could_win()` is False: plain mode, 0.
-          - `could_win()` False: plain mode, 0, no probes.
+          - `could_win()` False: plain mode, 0, and no probe before the longest backoff:
+            probe_interval = until_probe = probe_every * max_backoff, set again every round the
+            verdict stands (costs drift slowly with the context and the load; a verdict near the
+            margin that flips back on that drift would only buy probes that lose); clear `rounds`.
           - no alpha yet (`rounds` empty), or speculating with fewer than MIN_ROUNDS counts
             (a round counts once per count it reported):
             speculating -> min(initial_lookahead, cap) (one early round must not set K);
