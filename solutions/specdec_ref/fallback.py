@@ -445,6 +445,28 @@ def _over_limit(memory_limit_mb: Optional[float]) -> bool:
     return memory_limit_mb is not None and mx.get_active_memory() / 2**20 > memory_limit_mb
 
 
+def _draft_fault(decoder, controller, error: Exception, draft_len: int) -> None:
+    """The draft failed mid-round: an allocation failure puts its cache back and lowers K;
+    anything else ends drafting for the request (reported through the controller)."""
+    if is_out_of_memory(error):
+        if not _restore(decoder.draft_cache, draft_len):
+            decoder.draft_cache = make_prompt_cache(decoder.draft_model)
+        controller.memory_pressure()
+        return
+    controller.disable_draft(f"the draft model raised {type(error).__name__}: {error}; "
+                             "continuing on the target model alone")
+
+
+def _target_fault(decoder, controller, error: Exception, draft_len: int, target_len: int) -> None:
+    """The target's call failed: an allocation failure puts both caches back (or rebuilds them
+    from the committed tokens) and lowers K for the retry; anything else propagates."""
+    if not is_out_of_memory(error):
+        raise error
+    if not (_restore(decoder.target_cache, target_len) and _restore(decoder.draft_cache, draft_len)):
+        decoder.reset()
+    controller.memory_pressure()
+
+
 def _time_draft_step(draft_model, token_rows: mx.array) -> float:
     """One draft call on int [B, 1] with a throwaway cache: c's prior, before any prompt prefill."""
     cache = make_prompt_cache(draft_model) if token_rows.shape[0] == 1 else make_batch_cache(
@@ -566,32 +588,40 @@ def fallback_generate(
         try:
             draft_tokens, q_draft = decoder.draft_generation(
                 mx.array(draft_unseen, dtype=mx.int32), K, temperature, key_draft)
-            mx.eval(draft_tokens, q_draft)
+            K = draft_tokens.shape[0]
         except NotImplementedError:
             raise
         except Exception as error:  # the draft's fault: the target is untouched
-            if is_out_of_memory(error):
-                if not _restore(decoder.draft_cache, draft_len):
-                    decoder.draft_cache = make_prompt_cache(decoder.draft_model)
-                controller.memory_pressure()
-                continue
-            controller.disable_draft(f"the draft model raised {type(error).__name__}: {error}; "
-                                     "continuing on the target model alone")
+            _draft_fault(decoder, controller, error, draft_len)
             continue
-        K = draft_tokens.shape[0]
-        drafted = time.perf_counter()
+        # Build the target's graph while the drafts are still being computed (no host sync in
+        # between, as in speculative_generate), then wait for the drafts alone: their seconds
+        # for the controller, the graph-building time moved to the verify side.
+        built = time.perf_counter()
         try:
             target_inputs = mx.concatenate(
                 [mx.array(committed[target_len:], dtype=mx.int32), draft_tokens])
             logits = decoder.target_model(target_inputs[None], cache=decoder.target_cache)
+        except Exception as error:
+            _target_fault(decoder, controller, error, draft_len, target_len)
+            continue
+        build_s = time.perf_counter() - built
+        try:
+            if temperature > 0:
+                mx.eval(draft_tokens, q_draft)
+            else:
+                mx.eval(draft_tokens)  # greedy verification never reads q
+        except Exception as error:  # computing the drafts failed: the target's call has not run
+            if not _restore(decoder.target_cache, target_len):
+                decoder.target_cache = make_prompt_cache(decoder.target_model)  # re-prefilled next round
+            _draft_fault(decoder, controller, error, draft_len)
+            continue
+        drafted = time.perf_counter() - build_s
+        try:
             num_accepted, tokens = verify_speculation(
                 draft_tokens, logits[0, -(K + 1):], q_draft, temperature, key_verify)
         except Exception as error:
-            if not is_out_of_memory(error):
-                raise
-            if not (_restore(decoder.target_cache, target_len) and _restore(decoder.draft_cache, draft_len)):
-                decoder.reset()  # both rebuilt from the committed tokens
-            controller.memory_pressure()
+            _target_fault(decoder, controller, error, draft_len, target_len)
             continue
         verified = time.perf_counter()
         try:
