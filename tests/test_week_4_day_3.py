@@ -21,7 +21,7 @@ from scipy import stats as scipy_stats
 
 from specdec.kit.models import markov_pair, tiny_llama_pair
 from specdec.kit.stats import SpecStats
-from support import CallCounter, mlx_lm_greedy, raises
+from support import BATCHED_FOUNDATIONS, CallCounter, mlx_lm_greedy, raises
 
 CHAPTER = "book/src/week4-03-fallback.md"
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
@@ -32,12 +32,9 @@ ESTIMATES = tuple(
 )
 DECISIONS = tuple(f"fallback.FallbackController.{m}" for m in ("update", "could_win", "decide"))
 FAULTS = ("fallback.FallbackController.disable_draft", "fallback.FallbackController.memory_pressure")
-EARLIER_WEEKS = (
-    "sampling.logits_to_probs", "sampling.top_k_filter", "sampling.top_p_filter",
-    "sampling.sample_token", "verify.verify_greedy", "verify.residual_distribution",
-    "verify.verify_speculation", "speculative.commit_round", "draft.SpeculativeDecoder.__init__",
-    "draft.SpeculativeDecoder.draft_generation", "batched.left_pad", "batched.rollback_rows",
-    "batched.draft_batch",
+EARLIER_WEEKS = BATCHED_FOUNDATIONS + (
+    "speculative.commit_round", "draft.SpeculativeDecoder.__init__",
+    "draft.SpeculativeDecoder.draft_generation",
 )
 OOM = "[metal::malloc] Unable to allocate 1073741824 bytes"
 
@@ -251,7 +248,6 @@ def test_task_2_costs_alone_can_rule_speculation_out(impl, use_ref):
         "costs belong to the machine, not the text: when alpha = 1 cannot win there is nothing to "
         "probe for, and a probe would cost a draft prefill; got a probe"
     )
-
 
 
 def test_task_2_a_cost_verdict_outlasts_a_drifting_step_time(impl, use_ref):
@@ -885,7 +881,7 @@ def test_task_5_a_batch_reports_how_far_its_shortest_row_moved(impl, use_ref, ma
             """Row r's length after gaining up to `gained` tokens (cut at max_tokens and EOS)."""
             new = outputs[r][lengths[r] : min(lengths[r] + gained, max_tokens)]
             cut = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
-            if cut < len(new) or (new[cut - 1] in eos):
+            if new[cut - 1] in eos:
                 done.add(r)
             return lengths[r] + cut
 

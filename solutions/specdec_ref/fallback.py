@@ -453,6 +453,11 @@ def _draft_fault(decoder, controller, error: Exception, draft_len: int) -> None:
             decoder.draft_cache = make_prompt_cache(decoder.draft_model)
         controller.memory_pressure()
         return
+    _draft_lost(controller, error)
+
+
+def _draft_lost(controller, error: Exception) -> None:
+    """The draft raised something other than an allocation failure: plain from now on."""
     controller.disable_draft(f"the draft model raised {type(error).__name__}: {error}; "
                              "continuing on the target model alone")
 
@@ -767,8 +772,7 @@ def batched_fallback_decode(
                 except Exception as error:
                     if is_out_of_memory(error):
                         raise
-                    controller.disable_draft(f"the draft model raised {type(error).__name__}: "
-                                             f"{error}; continuing on the target model alone")
+                    _draft_lost(controller, error)
                     draft_cache = None
                     continue
                 drafted = time.perf_counter()

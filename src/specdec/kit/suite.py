@@ -278,7 +278,6 @@ class _Runner:
         from mlx_lm.generate import speculative_generate_step
         from mlx_lm.sample_utils import make_sampler
 
-
         mx, K, N = self.mx, self.s.lookahead, self.s.max_tokens
         ours = self.spec_decoder(self.config(), [])
 
@@ -361,7 +360,6 @@ def pooled(runs: list) -> dict:
 
 
 def environment() -> dict:
-
     from specdec.kit.timing import blas_info
 
     try:
@@ -511,6 +509,7 @@ def write_plots(report: dict, out: Path) -> list[Path]:
         ax.invert_yaxis()
         ax.set(xlabel="speed-up over plain (median over prompts)", title="Every setting")
         save(fig, "settings.png")
+
     def plain_vs_speculative(section: str, x_key: str, filename: str, **axes) -> None:
         rows = res[section]
         fig, ax = plt.subplots(figsize=(6, 4))
