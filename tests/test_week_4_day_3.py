@@ -328,7 +328,12 @@ def test_task_2_leaves_below_the_margin_and_probes_with_backoff(impl, use_ref):
         f"alpha = 0 makes every G(K) < 1: the controller must go plain; K per round {ks}"
     )
     assert len(c.rounds) == 0, "leaving speculation clears `rounds` (stale alpha evidence)"
-    assert ks[:3] == [4, 4, 4], f"no decision on alpha before MIN_ROUNDS rounds, got {ks}"
+    assert ks == [4, 0], (
+        "before MIN_ROUNDS counts only a generous alpha, one more accepted trial than observed, "
+        "may end speculation: after 0 of 4 accepted it is 1/2 and G(3) = 1.875 / 1.7 > 1 (below the "
+        "measured K = 4, v(K) is v(4) = 1.4), keep K = 4; "
+        f"after two such rounds it is 1/3 and every G(K) < 1, leave; K per round {ks} ({CHAPTER})"
+    )
     plain = [c.update(0, 0, None, 0.01) for _ in range(4)]
     assert plain == [0, 0, 0, 4], (
         f"while plain, probe once until_probe reaches 0 (probe_every = 4 plain rounds); got {plain}"
@@ -347,6 +352,31 @@ def test_task_2_leaves_below_the_margin_and_probes_with_backoff(impl, use_ref):
     k = winning_round(c, c.lookahead, c.lookahead)  # a probe where everything is accepted
     assert k > 0 and c.speculating and c.probe_interval == 4, (
         "a probe whose G beats 1 + margin brings speculation back, and resets the backoff"
+    )
+
+
+def test_task_2_an_early_round_ends_speculation_only_if_a_generous_alpha_loses(impl, use_ref):
+    use_ref(*ESTIMATES)
+    # Costs of a batch of 8 on a CPU: c = 0.1, v(4) = 2.1 plain steps (v(K < 4) = v(4)).
+    costs = dict(plain=[0.01] * 2, draft=[(4, 0.004)], verify=[(4, 0.021)], initial_lookahead=4)
+    # 1 of 4 accepted (2 trials): alpha = 1/2 loses (G(4) = 1.94 / 2.5 = 0.78), but the
+    # generous (1 + 1) / (2 + 1) = 2/3 gives G(4) = 2.6 / 2.5 = 1.04: too little evidence to leave.
+    c = controller_with(impl, rounds=[(4, (1,))], **costs)
+    assert c.decide() == 4 and c.speculating, (
+        "one round, 1 of 4 drafts accepted: alpha = 1/2 loses here, but the generous alpha "
+        "(accepted + 1) / (trials + 1) = 2/3 wins (G(4) = 1.04): keep initial_lookahead until "
+        f"MIN_ROUNDS counts are in ({CHAPTER})"
+    )
+    # 0 of 4 accepted (1 trial): even (0 + 1) / (1 + 1) = 1/2 loses: leave now.
+    c = controller_with(impl, rounds=[(4, (0,))], **costs)
+    c.until_probe = 0
+    assert c.decide() == 0 and not c.speculating, (
+        "one round, nothing accepted, where a verify costs 2.1 plain steps: even the generous "
+        "alpha 1/2 gives G < 1, so each further round at K = 4 only loses; leave for plain now "
+        f"({CHAPTER})"
+    )
+    assert len(c.rounds) == 0 and c.until_probe == c.probe_interval, (
+        "leaving early is leaving: `rounds` cleared, the next probe probe_interval rounds away"
     )
 
 

@@ -308,10 +308,13 @@ class FallbackController:
             probe_interval = until_probe = probe_every * max_backoff, set again every round the
             verdict stands (costs drift slowly with the context and the load; a verdict near the
             margin that flips back on that drift would only buy probes that lose); clear `rounds`.
-          - no alpha yet (`rounds` empty), or speculating with fewer than MIN_ROUNDS counts
-            (a round counts once per count it reported):
-            speculating -> min(initial_lookahead, cap) (one early round must not set K);
+          - no alpha yet (`rounds` empty): speculating -> min(initial_lookahead, cap);
             plain -> a probe at that K once until_probe <= 0 (probing = True), else 0.
+          - speculating with fewer than MIN_ROUNDS counts (a round counts once per count it
+            reported): keep min(initial_lookahead, cap) (one early round must not set K), unless
+            even a generous alpha loses: with `accepted` and `trials` summed over `rounds` as
+            `alpha` counts them, best_lookahead(alpha=(accepted + 1) / (trials + 1)) (one more
+            accepted trial than observed) gives G < 1 — then leave for plain mode as below.
           - speculating: (K*, G*) = best_lookahead(); leave for plain mode (return 0, set
             until_probe = probe_interval) when G* < 1; else K*.
           - just probed (`probing`): G* > 1 + margin -> speculate at K*, probe_interval back to
@@ -333,9 +336,7 @@ class FallbackController:
             return 0
         start = min(self.initial_lookahead, self.cap)
         best = self.best_lookahead()
-        evidence = sum(len(counts) for _, counts in self.rounds)  # one per count reported
-        if best is None or (self.speculating and evidence < MIN_ROUNDS):
-            # Too little evidence of alpha (or c unknown: the loop times a draft step first).
+        if best is None:  # no alpha yet (or c unknown: the loop times a draft step first)
             if self.speculating:
                 return start
             if self.until_probe <= 0:
@@ -343,6 +344,15 @@ class FallbackController:
                 return start
             return 0
         k_best, g_best = best
+        if self.speculating and sum(len(counts) for _, counts in self.rounds) < MIN_ROUNDS:
+            # Too little evidence to act on alpha, unless even a generous reading of it loses.
+            # (A batch of tied rows moves by its worst row: its first rounds often count 0, and
+            # where a round costs more than two plain steps each of them is a loss.)
+            accepted = sum(sum(counts) for _, counts in self.rounds)
+            trials = accepted + sum(n < k for k, counts in self.rounds for n in counts)
+            if self.best_lookahead(alpha=(accepted + 1) / (trials + 1))[1] >= 1.0:
+                return start
+            g_best = 0.0  # leave for plain mode below
         if self.speculating:
             if g_best < 1.0:  # plain is faster: never keep a slow-down
                 self.speculating = False

@@ -199,10 +199,13 @@ class FallbackController:
             probe_interval = until_probe = probe_every * max_backoff, set again every round the
             verdict stands (costs drift slowly with the context and the load; a verdict near the
             margin that flips back on that drift would only buy probes that lose); clear `rounds`.
-          - no alpha yet (`rounds` empty), or speculating with fewer than MIN_ROUNDS counts
-            (a round counts once per count it reported):
-            speculating -> min(initial_lookahead, cap) (one early round must not set K);
+          - no alpha yet (`rounds` empty): speculating -> min(initial_lookahead, cap);
             plain -> a probe at that K once until_probe <= 0 (probing = True), else 0.
+          - speculating with fewer than MIN_ROUNDS counts (a round counts once per count it
+            reported): keep min(initial_lookahead, cap) (one early round must not set K), unless
+            even a generous alpha loses: with `accepted` and `trials` summed over `rounds` as
+            `alpha` counts them, best_lookahead(alpha=(accepted + 1) / (trials + 1)) (one more
+            accepted trial than observed) gives G < 1 — then leave for plain mode as below.
           - speculating: (K*, G*) = best_lookahead(); leave for plain mode (return 0, set
             until_probe = probe_interval) when G* < 1; else K*.
           - just probed (`probing`): G* > 1 + margin -> speculate at K*, probe_interval back to
