@@ -14,6 +14,8 @@ Each regime runs in its own process (LD_PRELOAD only acts at start), one thread 
 median(plain seconds) / median(mode seconds), and a regime reports the median over prompts.
 Memory (the seed's production target "< 2x baseline"): peak MLX memory of one plain run and one
 speculative run; the baseline excludes the draft's weights, which sit in memory in both.
+--control adds an A/A ratio: plain decoding timed a second time in the same rotation, against
+itself. Its distance from 1.00x is this machine's noise floor for the other columns.
 Not a test: timings depend on the machine. The chapter quotes its output with the machine named.
 """
 
@@ -59,6 +61,7 @@ def child(args) -> dict:
     K = args.k
 
     def run(mode: str, group: list[list[int]], max_tokens: int, stats=None):
+        mode = "plain" if mode == "plain again" else mode  # the A/A control: plain, timed again
         if batch > 1:
             if mode == "plain":
                 return batched_plain_decode(group, target, max_tokens)
@@ -75,7 +78,7 @@ def child(args) -> dict:
         return [[t for t, _ in fallback_generate(decoder, FallbackController(initial_lookahead=K), prompt,
                                                  max_tokens, stats=stats)]]
 
-    modes = ["plain", "fixed", "fallback"]
+    modes = ["plain", "fixed", "fallback"] + (["plain again"] if args.control else [])
     for mode in modes:  # warm-up: kernels, allocator caches
         run(mode, groups[0], 16)
     rows = []
@@ -83,7 +86,8 @@ def child(args) -> dict:
         times = {m: [] for m in modes}
         outputs, stats = {}, {}
         for r in range(args.repeats):
-            order = modes[(g + r) % 3 :] + modes[: (g + r) % 3]  # rotate: no mode always goes first
+            turn = (g + r) % len(modes)
+            order = modes[turn:] + modes[:turn]  # rotate: no mode always goes first
             for mode in order:
                 st = SpecStats()
                 start = time.perf_counter()
@@ -96,18 +100,20 @@ def child(args) -> dict:
             "prompt_tokens": sum(map(len, group)),
             "fixed": plain_s / statistics.median(times["fixed"]),
             "fallback": plain_s / statistics.median(times["fallback"]),
+            "control": plain_s / statistics.median(times["plain again"]) if args.control else None,
             "alpha_fixed": stats["fixed"].alpha_estimate,
             "acceptance_fixed": stats["fixed"].acceptance_rate,
             "plain_rounds_fallback": sum(k == 0 for k in fb.lookahead_per_round) / max(fb.rounds, 1),
             "identical": outputs["plain"] == outputs["fixed"] == outputs["fallback"],
         })
         print(f"  [{regime}] prompt {g + 1}/{len(groups)}: fixed {rows[-1]['fixed']:.2f}x, "
-              f"controller {rows[-1]['fallback']:.2f}x", file=sys.stderr, flush=True)
+              f"controller {rows[-1]['fallback']:.2f}x"
+              + (f", A/A {rows[-1]['control']:.2f}x" if args.control else ""), file=sys.stderr, flush=True)
 
     # Peak memory, plain vs speculative (the seed's "< 2x baseline usage").
     draft_bytes = 0 if draft is target else sum(v.nbytes for _, v in tree_flatten(draft.parameters()))
     peaks = {}
-    for mode in modes:
+    for mode in modes[:3]:
         mx.synchronize()
         mx.reset_peak_memory()
         run(mode, groups[0], args.max_tokens)
@@ -125,11 +131,12 @@ def child(args) -> dict:
         "repeats": args.repeats,
         "speedup_fixed": median("fixed"),
         "speedup_fallback": median("fallback"),
+        "control": median("control") if args.control else None,
         "alpha_fixed": median("alpha_fixed"),
         "acceptance_fixed": median("acceptance_fixed"),
         "plain_round_share_fallback": median("plain_rounds_fallback"),
         "all_identical": all(r["identical"] for r in rows),
-        "peak_mb": {m: peaks[m] / 2**20 for m in modes},
+        "peak_mb": {m: peaks[m] / 2**20 for m in peaks},
         "memory_vs_baseline": {m: peaks[m] / baseline for m in ("fixed", "fallback")},
         "rows": rows,
     }
@@ -148,6 +155,7 @@ def parent(args) -> int:
             env["LD_PRELOAD"] = OPENBLAS
         command = [sys.executable, __file__, "--child", regime, "--prompts", str(args.prompts),
                    "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats), "--k", str(args.k)]
+        command += ["--control"] if args.control else []
         done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
         results.append(json.loads(done.stdout))
     if args.json:
@@ -157,13 +165,14 @@ def parent(args) -> int:
     print(f"# greedy, K = {args.k} (fixed) / initial K = {args.k} (controller), {args.max_tokens} tokens, "
           f"{args.prompts} prompts (batches), median of {args.repeats} interleaved runs each")
     print(f"{'regime':<10} {'BLAS':<9} {'B':>2} {'fixed K':>8} {'controller':>10} {'alpha':>6} "
-          f"{'plain rnds':>10} {'mem fixed':>9} {'mem ctrl':>8} {'identical':>9}")
+          f"{'plain rnds':>10} {'mem fixed':>9} {'mem ctrl':>8} {'identical':>9}" + (f" {'A/A':>6}" if args.control else ""))
     for r in results:
         blas = "OpenBLAS" if r["blas"].startswith("OpenBLAS") else "bundled"
         print(f"{r['regime']:<10} {blas:<9} {r['batch']:>2} {r['speedup_fixed']:>7.2f}x "
               f"{r['speedup_fallback']:>9.2f}x {r['alpha_fixed']:>6.3f} "
               f"{r['plain_round_share_fallback']:>10.0%} {r['memory_vs_baseline']['fixed']:>8.2f}x "
-              f"{r['memory_vs_baseline']['fallback']:>7.2f}x {'yes' if r['all_identical'] else 'NO':>9}")
+              f"{r['memory_vs_baseline']['fallback']:>7.2f}x {'yes' if r['all_identical'] else 'NO':>9}"
+              + (f" {r['control']:>5.2f}x" if args.control else ""))
     return 0
 
 
@@ -175,6 +184,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--k", type=int, default=4, help="fixed K, and the controller's initial K")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--control", action="store_true",
+                   help="also time plain decoding a second time (an A/A ratio: this machine's noise floor)")
     p.add_argument("--child", choices=REGIMES, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
