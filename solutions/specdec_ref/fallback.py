@@ -347,12 +347,13 @@ class FallbackController:
         if self.speculating and sum(len(counts) for _, counts in self.rounds) < MIN_ROUNDS:
             # Too little evidence to act on alpha, unless even a generous reading of it loses.
             # (A batch of tied rows moves by its worst row: its first rounds often count 0, and
-            # where a round costs more than two plain steps each of them is a loss.)
+            # where a round costs more than two plain steps each of them is a loss.) alpha <=
+            # the generous alpha, and G grows with alpha: if that G* < 1, so is g_best, and the
+            # controller leaves below.
             accepted = sum(sum(counts) for _, counts in self.rounds)
             trials = accepted + sum(n < k for k, counts in self.rounds for n in counts)
             if self.best_lookahead(alpha=(accepted + 1) / (trials + 1))[1] >= 1.0:
                 return start
-            g_best = 0.0  # leave for plain mode below
         if self.speculating:
             if g_best < 1.0:  # plain is faster: never keep a slow-down
                 self.speculating = False
