@@ -832,6 +832,38 @@ def test_task_5_the_draft_catches_up(impl, use_ref):
     )
 
 
+class InputWidths(CallCounter):
+    """A model that records how many tokens each of its calls was fed (the input's width)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.widths = []
+
+    def __call__(self, inputs, *args, **kwargs):
+        self.widths.append(inputs.shape[1])
+        return super().__call__(inputs, *args, **kwargs)
+
+
+def test_task_5_the_draft_catches_up_on_a_window(impl, use_ref, llama_models):
+    use_ref(*EARLIER_WEEKS, "fallback.is_out_of_memory")
+    draft, target = llama_models
+    window = impl.fallback.DRAFT_WINDOW
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 64, size=n).tolist() for n in (window + 30, window + 5, 7)]
+    spy, lag = InputWidths(draft), window + 2  # plain rounds: then the draft lags window + 4 tokens
+    schedule = [0, 2] + [0] * lag + [2] + [0] * 40
+    got = impl.fallback.batched_fallback_decode(prompts, spy, target, ScheduleController(schedule), lag + 12)
+    for i, prompt in enumerate(prompts):
+        assert got[i] == mlx_lm_greedy(target, prompt, lag + 12), f"row {i}: not its greedy output"
+    assert spy.widths == [window, 1, window, 1], (
+        f"draft calls were fed {spy.widths} tokens wide; expected {[window, 1, window, 1]}: the draft's "
+        f"first round sees each row's last DRAFT_WINDOW = {window} tokens (prompts of {window + 30} "
+        f"and {window + 5} tokens would cost it their whole length), and after {lag} plain rounds "
+        f"the lag ({lag} + 2) exceeds the window, so the draft cache is made again from the window "
+        f"instead of catching up ({CHAPTER})"
+    )
+
+
 def test_task_5_rows_leave_at_eos(impl, use_ref, llama_models):
     use_ref(*EARLIER_WEEKS, "fallback.is_out_of_memory")
     full = [mlx_lm_greedy(llama_models[1], p, 24) for p in BATCH]

@@ -37,6 +37,7 @@ from .verify import verify_speculation
 
 MIN_ROUNDS = 4  # counts of evidence before alpha alone may end speculation (a round reporting
 # one count per row, as a serving engine's does, brings B)
+DRAFT_WINDOW = 64  # the batched draft catches up on at most this many newest tokens per row
 
 
 class FallbackController:
@@ -692,14 +693,17 @@ def batched_fallback_decode(
         each row's newest token); every row gets one token. update(0, 0, None, seconds), or
         observe_prefill(L, seconds) for the prompts' call; stats.record_round(0, 0, 1) per row.
       K > 0: (needs_draft_step: time one draft call on [B, 1] first.) The draft cache is made
-        at the first draft round from each live row's committed tokens (`left_pad`); after m
-        plain rounds every row's draft lags by the same m + 2 tokens, fed in one [B, m + 2]
-        call. `draft_batch`, one target call, `verify_speculation` per row, `rollback_rows` on
-        both caches; update(K, [d - 1], draft seconds, verify seconds), where d is how far the
-        batch's shortest row moved: min over the live rows of their lengths after the round (a row
-        that stopped at EOS counts as max_tokens: it is done) minus the fewest tokens any live row
-        held before it, at most K + 1. The batch ends when its last row does, so that is the
-        progress a round buys: one count per round, whatever the batch size.
+        at the first draft round from each live row's last DRAFT_WINDOW committed tokens
+        (`left_pad`): a small draft predicts from recent text, and B rows' whole prompts would
+        cost it several plain steps. After m plain rounds every row's draft lags by the same
+        m + 2 tokens, fed in one [B, m + 2] call — unless m + 2 > DRAFT_WINDOW: then the cache is
+        made again from the window. `draft_batch`, one target call, `verify_speculation` per
+        row, `rollback_rows` on both caches; update(K, [d - 1], draft seconds, verify seconds),
+        where d is how far the batch's shortest row moved: min over the live rows of their
+        lengths after the round (a row that stopped at EOS counts as max_tokens: it is done)
+        minus the fewest tokens any live row held before it, at most K + 1. The batch ends when
+        its last row does, so that is the progress a round buys: one count per round, whatever
+        the batch size.
     Rows that finish leave both caches (`filter_rows`). Faults as in `fallback_generate`; an
     allocation failure at K = 0 (memory_pressure() returns False) with B > 1 lowers the batch:
     each half of the live rows is finished by its own call on (prompt + tokens so far).
@@ -769,8 +773,10 @@ def batched_fallback_decode(
         columns = target_cache[0].size()  # to give back what a failed round wrote
         try:
             if K > 0:
-                if draft_cache is None:  # the draft's first round: it catches up on everything
-                    draft_inputs, draft_padding = left_pad([sequence(r) for r in rows])
+                if draft_cache is not None and draft_lag > DRAFT_WINDOW:
+                    draft_cache = None  # a long plain stretch: start again from the window
+                if draft_cache is None:  # the draft's first round: each row's newest tokens
+                    draft_inputs, draft_padding = left_pad([sequence(r)[-DRAFT_WINDOW:] for r in rows])
                     draft_cache = make_batch_cache(draft_model, draft_padding)
                 else:
                     draft_inputs = mx.array([sequence(r)[-draft_lag:] for r in rows], dtype=mx.int32)
