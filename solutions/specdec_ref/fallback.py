@@ -773,9 +773,8 @@ def batched_fallback_decode(
         columns = target_cache[0].size()  # to give back what a failed round wrote
         try:
             if K > 0:
-                if draft_cache is not None and draft_lag > DRAFT_WINDOW:
-                    draft_cache = None  # a long plain stretch: start again from the window
-                if draft_cache is None:  # the draft's first round: each row's newest tokens
+                if draft_cache is None or draft_lag > DRAFT_WINDOW:  # first round, or a long
+                    # plain stretch: the draft starts (again) from each row's newest tokens
                     draft_inputs, draft_padding = left_pad([sequence(r)[-DRAFT_WINDOW:] for r in rows])
                     draft_cache = make_batch_cache(draft_model, draft_padding)
                 else:
