@@ -66,15 +66,17 @@ INVALID = {
     "fallback_window": [0, -16, 16.5],
     "fallback_margin": [-0.1, 1.0, 2, NAN],
     "probe_every": [0, "32"],
+    "probe_budget": [0, 0.0, -0.05, 1.5, NAN, "0.05"],
     "memory_limit_mb": [0, -100, NAN, "1GB", True],
     "seed": [-1, 2**64, 1.5, "0"],
     "check_contracts": ["no", 0, None],
 }
 DEFAULTS = dict(lookahead=4, min_lookahead=1, max_lookahead=8, adaptive=None, window=10,
                 raise_above=0.85, lower_below=0.60, temperature=0.0, top_k=0, top_p=1.0,
-                max_tokens=128, drafter="model", max_ngram=3, min_ngram=1, batch_size=1,
-                fallback=True, fallback_window=16, fallback_margin=0.05, probe_every=32,
-                memory_limit_mb=None, seed=0, check_contracts=False)
+                max_tokens=128, drafter="model", max_ngram=3, min_ngram=1, tree_branching=2,
+                batch_size=1, fallback=True, fallback_window=16, fallback_margin=0.05,
+                probe_every=32, probe_budget=0.05, memory_limit_mb=None, seed=0,
+                check_contracts=False)
 
 
 @st.composite
@@ -95,6 +97,7 @@ def valid_configs(draw) -> dict:
         tree_branching=draw(st.integers(1, 4)), batch_size=draw(st.integers(1, 8)),
         fallback=draw(st.booleans()), fallback_window=draw(st.integers(1, 64)),
         fallback_margin=draw(st.floats(0.0, 0.99)), probe_every=draw(st.integers(1, 256)),
+        probe_budget=draw(st.floats(0.0, 1.0, exclude_min=True)),
         memory_limit_mb=draw(st.none() | st.floats(0.5, 1e6)), seed=draw(st.integers(0, 2**64 - 1)),
         check_contracts=draw(st.booleans()),
     )

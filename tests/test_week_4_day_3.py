@@ -1,7 +1,7 @@
 """Week 4 Day 3 — fallback: speculation that never loses. Chapter: book/src/week4-03-fallback.md
 
 Task 1: FallbackController estimates (alpha, s, c, v(K), goodput, best K) — synthetic timings
-Task 2: FallbackController.update / could_win / decide (calibration, hysteresis, probing)
+Task 2: FallbackController.update / could_win / probe_wait / decide (calibration, hysteresis, probing)
 Task 3: FallbackController.disable_draft / memory_pressure (the controller's side of faults)
 Task 4: fallback_generate (K = 0 rounds, exact across switches, faults survived)
 Task 5: batched_fallback_decode (one K for the batch)
@@ -30,7 +30,7 @@ ESTIMATES = tuple(
     for m in ("__init__", "alpha", "step_time", "draft_cost", "verify_line", "verify_cost",
               "goodput", "best_lookahead")
 )
-DECISIONS = tuple(f"fallback.FallbackController.{m}" for m in ("update", "could_win", "decide"))
+DECISIONS = tuple(f"fallback.FallbackController.{m}" for m in ("update", "could_win", "probe_wait", "decide"))
 FAULTS = ("fallback.FallbackController.disable_draft", "fallback.FallbackController.memory_pressure")
 EARLIER_WEEKS = BATCHED_FOUNDATIONS + (
     "speculative.commit_round", "draft.SpeculativeDecoder.__init__",
@@ -310,8 +310,12 @@ def test_task_2_the_drafts_prompt_prefill_must_pay_back(impl, use_ref, prompt_to
 
 
 def dropped_controller(impl, probe_every=4, max_backoff=4):
-    """Calibrated on winning costs, then rounds where nothing is accepted: it leaves speculation."""
-    c = impl.fallback.FallbackController(probe_every=probe_every, max_backoff=max_backoff, margin=0.05)
+    """Calibrated on winning costs, then rounds where nothing is accepted: it leaves speculation.
+
+    probe_budget = 1: a failed probe (0.8 plain steps lost here) may cost as much as the plain
+    time before it, so probe_wait() is 1 and the backoff alone spaces the probes."""
+    c = impl.fallback.FallbackController(probe_every=probe_every, max_backoff=max_backoff, margin=0.05,
+                                         probe_budget=1.0)
     c.update(0, 0, None, 0.01)
     c.update(0, 0, None, 0.01)
     c.observe_draft_step(0.001)
@@ -375,8 +379,9 @@ def test_task_2_an_early_round_ends_speculation_only_if_a_generous_alpha_loses(i
         "alpha 1/2 gives G < 1, so each further round at K = 4 only loses; leave for plain now "
         f"({CHAPTER})"
     )
-    assert len(c.rounds) == 0 and c.until_probe == c.probe_interval, (
-        "leaving early is leaving: `rounds` cleared, the next probe probe_interval rounds away"
+    assert len(c.rounds) == 0 and c.until_probe == max(c.probe_interval, c.probe_wait()), (
+        "leaving early is leaving: `rounds` cleared, the next probe max(probe_interval, "
+        "probe_wait()) rounds away"
     )
 
 
@@ -414,6 +419,57 @@ def test_task_2_a_batched_round_counts_once_per_row(impl, use_ref):
     assert k == 0 and not c.speculating, (
         "a batched round of 8 rows is 8 row-rounds of evidence (>= MIN_ROUNDS): with nothing "
         f"accepted, G* < 1 and the batch goes plain after one round; got K = {k} ({CHAPTER})"
+    )
+
+
+# A batch of 8 on a CPU: c = 0.1, v(4) = 2.15 plain steps, and a 100-token prefill of 20 plain
+# steps (p = 0.2 steps per token): a failed probe after m plain rounds wastes 0.02 m + 1.55 steps.
+PROBE_COSTS = dict(plain=[0.01] * 2, draft=[(4, 0.004)], verify=[(4, 0.0215)], prefill=(100, 0.2))
+
+
+@pytest.mark.parametrize("kw, want, why", [
+    (dict(), 52, "ceil((K c + v(K) - 1) / (probe_budget - c p)) = ceil(1.55 / (0.05 - 0.02)) = 52"),
+    (dict(probe_budget=0.06), 39, "with probe_budget 0.06: ceil(1.55 / 0.04) = 39"),
+    (dict(probe_budget=0.06, initial_lookahead=2), 34,
+     "the probe runs at K = initial_lookahead = 2, where v(2) is the measured v(4) = 2.15: "
+     "ceil((0.2 + 1.15) / 0.04) = 34"),
+    (dict(prefill=None, probe_budget=0.04), 39, "without a prefill p = 0: ceil(1.55 / 0.04) = 39"),
+    (dict(probe_budget=0.015), 256,
+     "probe_budget 0.015 <= c p = 0.02: the catch-up alone is over budget, so the longest backoff "
+     "probe_every * max_backoff = 256"),
+    (dict(probe_budget=0.001, prefill=None), 256, "ceil(1.55 / 0.001) = 1550 is capped at 256"),
+    (dict(draft=(), verify=()), 0, "c unknown (no draft call timed yet): no wait, 0"),
+])
+def test_task_2_probe_wait_bounds_what_a_failed_probe_costs(impl, use_ref, kw, want, why):
+    use_ref(*ESTIMATES)
+    c = controller_with(impl, **{**PROBE_COSTS, **kw})
+    got = c.probe_wait()
+    assert got == want, (
+        f"probe_wait() = {got}, expected {want}: {why}. A failed probe after m plain rounds wastes "
+        f"the draft's catch-up, c p m plain steps, and K c + v(K) - 1 steps of its round; wait for "
+        f"the smallest m where that is at most probe_budget * m ({CHAPTER})"
+    )
+
+
+def test_task_2_probes_wait_for_their_budget(impl, use_ref):
+    use_ref(*ESTIMATES, "fallback.FallbackController.probe_wait")
+    c = controller_with(impl, rounds=[(4, (0,))] * 4, probe_every=8, max_backoff=8, **PROBE_COSTS)
+    assert c.decide() == 0 and not c.speculating, "nothing accepted in 4 rounds: leave for plain"
+    assert c.until_probe == 52, (
+        f"leaving speculation sets until_probe = max(probe_interval, probe_wait()) = max(8, 52) = "
+        f"52, got {c.until_probe}: a probe every 8 tokens would cost 1.7 plain steps each time "
+        f"it fails, a fifth of the time it interrupts ({CHAPTER})"
+    )
+    plain = [c.update(0, 0, None, 0.01) for _ in range(52)]
+    assert plain[:51] == [0] * 51 and plain[51] == 4 and c.probing, (
+        f"the probe comes after 52 plain rounds; K per round: {plain}"
+    )
+    assert c.update(4, 0, 0.004, 0.0215) == 0 and c.probe_interval == 16, (
+        "a failed probe goes back to plain and doubles probe_interval (8 -> 16)"
+    )
+    assert c.until_probe == 52, (
+        f"after a failed probe, until_probe = max(probe_interval, probe_wait()) = max(16, 52) = 52, "
+        f"got {c.until_probe} ({CHAPTER})"
     )
 
 

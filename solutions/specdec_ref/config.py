@@ -46,6 +46,8 @@ class SpeculativeConfig:
     fallback_window  rounds of history for the controller's estimates (>= 1)
     fallback_margin  hysteresis in [0, 1): leave below 1, come back above 1 + margin
     probe_every      while plain, try speculation again every this many tokens (>= 1)
+    probe_budget     in (0, 1]: the most a failed probe may cost, as a share of the plain time
+                     before it (the controller waits longer between probes that cost more)
     memory_limit_mb  None, or a limit in MB (> 0) above which the decoder lowers K and the batch
     seed             PRNG seed, 0 .. 2**64 - 1
     check_contracts  check every core function's contract (Week 4 Day 1 contracts; slow)
@@ -75,6 +77,7 @@ class SpeculativeConfig:
     fallback_window: int = 16
     fallback_margin: float = 0.05
     probe_every: int = 32
+    probe_budget: float = 0.05
     memory_limit_mb: Optional[float] = None
     seed: int = 0
     check_contracts: bool = False
@@ -97,7 +100,7 @@ class SpeculativeConfig:
           - ranges: lookahead, min_lookahead, max_lookahead, window, max_tokens, max_ngram,
             min_ngram, tree_branching, batch_size, fallback_window, probe_every >= 1;
             top_k >= 0; 0 <= raise_above <= 1 and 0 <= lower_below <= 1; temperature >= 0;
-            0 < top_p <= 1; 0 <= fallback_margin < 1; memory_limit_mb > 0;
+            0 < top_p <= 1; 0 <= fallback_margin < 1; 0 < probe_budget <= 1; memory_limit_mb > 0;
             0 <= seed <= 2**64 - 1; adaptive in POLICIES; drafter in DRAFTERS;
           - the cross-field rules of the class docstring, and lower_below <= raise_above.
         """
@@ -127,6 +130,9 @@ class SpeculativeConfig:
         if typed("fallback_margin") and not 0 <= self.fallback_margin < 1:
             problems.append(f"fallback_margin {self.fallback_margin} is outside [0, 1): it is a "
                             "relative goodput margin such as 0.05")
+        if typed("probe_budget") and not 0 < self.probe_budget <= 1:
+            problems.append(f"probe_budget {self.probe_budget} is outside (0, 1]: it is the share "
+                            "of plain time a failed probe may cost, such as 0.05")
         if typed("memory_limit_mb") and self.memory_limit_mb is not None and self.memory_limit_mb <= 0:
             problems.append(f"memory_limit_mb {self.memory_limit_mb} <= 0: use None for no limit "
                             "or a positive size in MB such as 4096")
@@ -225,7 +231,7 @@ _KIND = {
     "temperature": "float", "top_k": "int", "top_p": "float", "max_tokens": "int",
     "drafter": "str", "max_ngram": "int", "min_ngram": "int", "tree_branching": "int",
     "batch_size": "int", "fallback": "bool", "fallback_window": "int", "fallback_margin": "float",
-    "probe_every": "int", "memory_limit_mb": "optional float", "seed": "int",
+    "probe_every": "int", "probe_budget": "float", "memory_limit_mb": "optional float", "seed": "int",
     "check_contracts": "bool",
 }
 _ALLOWED = {"adaptive": ", ".join(map(repr, POLICIES)), "drafter": ", ".join(map(repr, DRAFTERS))}

@@ -17,6 +17,7 @@ The loops (`fallback_generate`, `batched_fallback_decode`) survive faults: a dra
 a cache that cannot roll back (finish with plain decoding). Nothing emitted is lost or repeated.
 """
 
+import math
 import time
 import warnings
 from collections import deque
@@ -45,7 +46,7 @@ class FallbackController:
 
     Attributes (set by `__init__`; the estimates and decisions read them):
         max_lookahead, window, margin, probe_every, initial_lookahead, calibration_rounds,
-        max_backoff                 the constructor arguments
+        max_backoff, probe_budget   the constructor arguments
         rounds        deque(maxlen=window) of (K, accepted) per speculative round, accepted a
                       tuple of per-row counts (one entry for a single stream): alpha's evidence
         draft_times   deque(maxlen=window) of (K, seconds): timed drafting of K tokens
@@ -71,12 +72,13 @@ class FallbackController:
         initial_lookahead: int = 4,
         calibration_rounds: int = 2,
         max_backoff: int = 8,
+        probe_budget: float = 0.05,
     ):
         """Check the arguments; start in speculative mode with K = 0 until calibrated.
 
         Raises ValueError, naming the value and the fix, when: max_lookahead < 1; window < 1;
         not 0 <= margin < 1; probe_every < 1; initial_lookahead < 1; calibration_rounds < 1;
-        max_backoff < 1. initial_lookahead is clamped to max_lookahead.
+        max_backoff < 1; not 0 < probe_budget <= 1. initial_lookahead is clamped to max_lookahead.
         K is 0 until `calibration_rounds` plain rounds are timed (the unit s of every cost).
         """
         problems = []
@@ -94,10 +96,13 @@ class FallbackController:
             problems.append(f"calibration_rounds must be >= 1, got {calibration_rounds}")
         if max_backoff < 1:
             problems.append(f"max_backoff must be >= 1 (1 = no backoff), got {max_backoff}")
+        if not 0.0 < probe_budget <= 1.0:
+            problems.append(f"probe_budget must be in (0, 1], got {probe_budget} (0.05: a failed "
+                            "probe may cost 5% of the plain time before it)")
         if problems:
             raise ValueError("; ".join(problems))
         self.max_lookahead, self.window, self.margin = max_lookahead, window, margin
-        self.probe_every, self.max_backoff = probe_every, max_backoff
+        self.probe_every, self.max_backoff, self.probe_budget = probe_every, max_backoff, probe_budget
         self.initial_lookahead = min(initial_lookahead, max_lookahead)
         self.calibration_rounds = calibration_rounds
         self.rounds = deque(maxlen=window)
@@ -298,6 +303,31 @@ class FallbackController:
         catch_up = self.draft_cost() * self.prefill[1] / self.step_time()  # in plain steps
         return self.probe_every * (1.0 - 1.0 / best[1]) > catch_up
 
+    def probe_wait(self) -> int:
+        """Plain rounds to wait before a probe, so that one that fails costs at most
+        `probe_budget` of the plain time before it; 0 while c, v(K) or s is unknown.
+
+        The probe runs at K = min(initial_lookahead, cap) after m plain rounds. If it fails, it
+        wasted the draft's catch-up on those m tokens, about c p m plain steps (p = prefill
+        seconds / (prefill tokens * s), the target's cost per prompt token in plain steps; p = 0
+        without a prefill), and the round beyond the one token a plain step makes,
+        K c + v(K) - 1. The wait is the smallest m with c p m + K c + v(K) - 1 <= probe_budget * m:
+        ceil((K c + v(K) - 1) / (probe_budget - c p)), at most the longest backoff
+        probe_every * max_backoff — which is also the wait when probe_budget <= c p (the
+        catch-up alone is over budget).
+        """
+        k = min(self.initial_lookahead, self.cap)
+        c, s = self.draft_cost(), self.step_time()
+        v = self.verify_cost(k) if k > 0 else None
+        if c is None or v is None or not s:
+            return 0
+        longest = self.probe_every * self.max_backoff
+        p = self.prefill[1] / (self.prefill[0] * s) if self.prefill else 0.0
+        room = self.probe_budget - c * p  # what each plain round may spend on the probe's round
+        if room <= 0:
+            return longest
+        return min(longest, math.ceil((k * c + v - 1.0) / room))
+
     def decide(self) -> int:
         """The next K, and the mode change behind it.
 
@@ -317,10 +347,10 @@ class FallbackController:
             `alpha` counts them, best_lookahead(alpha=(accepted + 1) / (trials + 1)) (one more
             accepted trial than observed) gives G < 1 — then leave for plain mode as below.
           - speculating: (K*, G*) = best_lookahead(); leave for plain mode (return 0, set
-            until_probe = probe_interval) when G* < 1; else K*.
+            until_probe = max(probe_interval, probe_wait())) when G* < 1; else K*.
           - just probed (`probing`): G* > 1 + margin -> speculate at K*, probe_interval back to
             probe_every; else plain, probe_interval doubled (at most probe_every * max_backoff),
-            until_probe = probe_interval.
+            until_probe = max(probe_interval, probe_wait()).
           - plain: G* > 1 + margin -> speculate at K*; until_probe <= 0 -> probe at K*
             (probing = True); else 0.
         Whenever it returns 0 after a drop or a failed probe, clear `rounds`: alpha evidence from
@@ -359,7 +389,7 @@ class FallbackController:
             if g_best < 1.0:  # plain is faster: never keep a slow-down
                 self.speculating = False
                 self.rounds.clear()
-                self.until_probe = self.probe_interval
+                self.until_probe = max(self.probe_interval, self.probe_wait())
                 return 0
             return k_best
         if self.probing:
@@ -368,7 +398,7 @@ class FallbackController:
                 self.speculating, self.probe_interval = True, self.probe_every
                 return k_best
             self.probe_interval = min(2 * self.probe_interval, self.probe_every * self.max_backoff)
-            self.until_probe = self.probe_interval
+            self.until_probe = max(self.probe_interval, self.probe_wait())
             self.rounds.clear()
             return 0
         if g_best > 1.0 + self.margin:

@@ -45,7 +45,7 @@ class FallbackController:
 
     Attributes (set by `__init__`; the estimates and decisions read them):
         max_lookahead, window, margin, probe_every, initial_lookahead, calibration_rounds,
-        max_backoff                 the constructor arguments
+        max_backoff, probe_budget   the constructor arguments
         rounds        deque(maxlen=window) of (K, accepted) per speculative round, accepted a
                       tuple of per-row counts (one entry for a single stream): alpha's evidence
         draft_times   deque(maxlen=window) of (K, seconds): timed drafting of K tokens
@@ -71,12 +71,13 @@ class FallbackController:
         initial_lookahead: int = 4,
         calibration_rounds: int = 2,
         max_backoff: int = 8,
+        probe_budget: float = 0.05,
     ):
         """Check the arguments; start in speculative mode with K = 0 until calibrated.
 
         Raises ValueError, naming the value and the fix, when: max_lookahead < 1; window < 1;
         not 0 <= margin < 1; probe_every < 1; initial_lookahead < 1; calibration_rounds < 1;
-        max_backoff < 1. initial_lookahead is clamped to max_lookahead.
+        max_backoff < 1; not 0 < probe_budget <= 1. initial_lookahead is clamped to max_lookahead.
         K is 0 until `calibration_rounds` plain rounds are timed (the unit s of every cost).
         """
         raise NotImplementedError("Week 4 Day 3 Task 1: FallbackController.__init__ — see book/src/week4-03-fallback.md")
@@ -189,6 +190,21 @@ class FallbackController:
         """
         raise NotImplementedError("Week 4 Day 3 Task 2: FallbackController.could_win — see book/src/week4-03-fallback.md")
 
+    def probe_wait(self) -> int:
+        """Plain rounds to wait before a probe, so that one that fails costs at most
+        `probe_budget` of the plain time before it; 0 while c, v(K) or s is unknown.
+
+        The probe runs at K = min(initial_lookahead, cap) after m plain rounds. If it fails, it
+        wasted the draft's catch-up on those m tokens, about c p m plain steps (p = prefill
+        seconds / (prefill tokens * s), the target's cost per prompt token in plain steps; p = 0
+        without a prefill), and the round beyond the one token a plain step makes,
+        K c + v(K) - 1. The wait is the smallest m with c p m + K c + v(K) - 1 <= probe_budget * m:
+        ceil((K c + v(K) - 1) / (probe_budget - c p)), at most the longest backoff
+        probe_every * max_backoff — which is also the wait when probe_budget <= c p (the
+        catch-up alone is over budget).
+        """
+        raise NotImplementedError("Week 4 Day 3 Task 2: FallbackController.probe_wait — see book/src/week4-03-fallback.md")
+
     def decide(self) -> int:
         """The next K, and the mode change behind it.
 
@@ -208,10 +224,10 @@ class FallbackController:
             `alpha` counts them, best_lookahead(alpha=(accepted + 1) / (trials + 1)) (one more
             accepted trial than observed) gives G < 1 — then leave for plain mode as below.
           - speculating: (K*, G*) = best_lookahead(); leave for plain mode (return 0, set
-            until_probe = probe_interval) when G* < 1; else K*.
+            until_probe = max(probe_interval, probe_wait())) when G* < 1; else K*.
           - just probed (`probing`): G* > 1 + margin -> speculate at K*, probe_interval back to
             probe_every; else plain, probe_interval doubled (at most probe_every * max_backoff),
-            until_probe = probe_interval.
+            until_probe = max(probe_interval, probe_wait()).
           - plain: G* > 1 + margin -> speculate at K*; until_probe <= 0 -> probe at K*
             (probing = True); else 0.
         Whenever it returns 0 after a drop or a failed probe, clear `rounds`: alpha evidence from

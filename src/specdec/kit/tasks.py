@@ -117,7 +117,8 @@ TASKS: tuple = tuple(
               "FallbackController.verify_cost", "FallbackController.goodput",
               "FallbackController.best_lookahead"),
              ("FallbackController: update, decide", "FallbackController.update",
-              "FallbackController.could_win", "FallbackController.decide"),
+              "FallbackController.could_win", "FallbackController.probe_wait",
+              "FallbackController.decide"),
              ("FallbackController: faults", "FallbackController.disable_draft",
               "FallbackController.memory_pressure"),
              "fallback_generate", "batched_fallback_decode")

@@ -354,7 +354,7 @@ def make_controller(impl, config):
     Controller = feature(impl, "fallback", "FallbackController", "the fallback controller")
     return Controller(max_lookahead=config.lookahead, window=config.fallback_window,
                       margin=config.fallback_margin, probe_every=config.probe_every,
-                      initial_lookahead=config.lookahead)
+                      initial_lookahead=config.lookahead, probe_budget=config.probe_budget)
 
 
 def speculative_stream(impl, models: Models, prompt, config, stats, key, eos,
