@@ -451,6 +451,17 @@ def test_task_2_probe_wait_bounds_what_a_failed_probe_costs(impl, use_ref, kw, w
     )
 
 
+def test_task_2_probe_wait_prices_the_probe_at_the_capped_k(impl, use_ref):
+    use_ref(*ESTIMATES)
+    c = controller_with(impl, probe_budget=0.06, **PROBE_COSTS)
+    c.cap = 2  # memory pressure lowered the cap below initial_lookahead = 4
+    got = c.probe_wait()
+    assert got == 34, (
+        f"probe_wait() = {got}, expected 34: the probe runs at K = min(initial_lookahead, cap) = 2, "
+        f"where v(2) is the measured v(4) = 2.15: ceil((0.2 + 1.15) / 0.04) = 34 ({CHAPTER})"
+    )
+
+
 def test_task_2_probes_wait_for_their_budget(impl, use_ref):
     use_ref(*ESTIMATES, "fallback.FallbackController.probe_wait")
     c = controller_with(impl, rounds=[(4, (0,))] * 4, probe_every=8, max_backoff=8, **PROBE_COSTS)
