@@ -10,11 +10,16 @@ Regimes (the embedded pair unless said otherwise, greedy, EOS ignored so lengths
   same-size  the target as its own draft (c ~ 1), OpenBLAS
 Each regime runs in its own process (LD_PRELOAD only acts at start), one thread per BLAS
 (OPENBLAS_NUM_THREADS=1). Per prompt, plain decoding, fixed K (controller off) and the controller
-(on) run interleaved in a rotating order, `--repeats` times after a warm-up; a prompt's ratio is
-median(plain seconds) / median(mode seconds), and a regime reports the median over prompts.
+(on) run interleaved, `--repeats` times after a warm-up, in the orders of a Williams design: over
+its rows every mode runs right after every other mode equally often, so what a run leaves behind
+(allocator caches, garbage) weighs on each mode alike. A prompt's ratio is median(plain seconds) /
+median(mode seconds), and a regime reports the median over prompts. It also reports a paired
+figure with its 95 % confidence interval: plain seconds / mode seconds within each repeat (the
+same prompt, seconds apart), their geometric mean over all prompts and repeats, and a Student t
+interval on the log-ratios: it uses every run, and it says how sure the run is.
 Memory (the seed's production target "< 2x baseline"): peak MLX memory of one plain run and one
 speculative run; the baseline excludes the draft's weights, which sit in memory in both.
---control adds an A/A ratio: plain decoding timed a second time in the same rotation, against
+--control adds an A/A ratio: plain decoding timed a second time in the same orders, against
 itself. Its distance from 1.00x is this machine's noise floor for the other columns.
 Not a test: timings depend on the machine. The chapter quotes its output with the machine named.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -31,6 +37,29 @@ import time
 
 REGIMES = ["openblas", "bundled", "batch8", "same-size"]
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+
+
+def williams_orders(n: int) -> list[list[int]]:
+    """Orders of n modes in which each mode directly follows every other mode equally often.
+
+    The Williams construction: row i is i, i+1, i-1, i+2, i-2, ... (mod n); for odd n the rows
+    and their reverses (2n orders), for even n the n rows alone.
+    """
+    steps = [0] + [(j + 1) // 2 * (1 if j % 2 else -1) for j in range(1, n)]
+    rows = [[(i + d) % n for d in steps] for i in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 else rows
+
+
+def paired_ratio(plain: list[float], mode: list[float]) -> tuple[float, float, float]:
+    """(geometric mean, 95 % low, 95 % high) of plain[i] / mode[i]: a t interval on the logs."""
+    from scipy import stats
+
+    logs = [math.log(a / b) for a, b in zip(plain, mode)]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:  # one pair: no spread to speak of
+        return math.exp(mean), math.nan, math.nan
+    half = stats.t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
 def child(args) -> dict:
@@ -81,14 +110,12 @@ def child(args) -> dict:
     modes = ["plain", "fixed", "fallback"] + (["plain again"] if args.control else [])
     for mode in modes:  # warm-up: kernels, allocator caches
         run(mode, groups[0], 16)
-    rows = []
+    rows, orders = [], williams_orders(len(modes))
     for g, group in enumerate(groups):
         times = {m: [] for m in modes}
         outputs, stats = {}, {}
         for r in range(args.repeats):
-            turn = (g + r) % len(modes)
-            order = modes[turn:] + modes[:turn]  # rotate: no mode always goes first
-            for mode in order:
+            for mode in (modes[i] for i in orders[(g * args.repeats + r) % len(orders)]):
                 st = SpecStats()
                 start = time.perf_counter()
                 outputs[mode] = run(mode, group, args.max_tokens, st)
@@ -105,6 +132,7 @@ def child(args) -> dict:
             "acceptance_fixed": stats["fixed"].acceptance_rate,
             "plain_rounds_fallback": sum(k == 0 for k in fb.lookahead_per_round) / max(fb.rounds, 1),
             "identical": outputs["plain"] == outputs["fixed"] == outputs["fallback"],
+            "seconds": times,
         })
         print(f"  [{regime}] prompt {g + 1}/{len(groups)}: fixed {rows[-1]['fixed']:.2f}x, "
               f"controller {rows[-1]['fallback']:.2f}x"
@@ -120,6 +148,8 @@ def child(args) -> dict:
         peaks[mode] = mx.get_peak_memory()
     baseline = peaks["plain"] - draft_bytes  # the draft's weights are resident in both runs
     median = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
+    pooled = {m: [t for r in rows for t in r["seconds"][m]] for m in modes}
+    paired = {m: paired_ratio(pooled["plain"], pooled[m]) for m in modes[1:]}
     return {
         "regime": regime,
         "blas": blas_info()["blas"],
@@ -132,6 +162,7 @@ def child(args) -> dict:
         "speedup_fixed": median("fixed"),
         "speedup_fallback": median("fallback"),
         "control": median("control") if args.control else None,
+        "paired": paired,
         "alpha_fixed": median("alpha_fixed"),
         "acceptance_fixed": median("acceptance_fixed"),
         "plain_round_share_fallback": median("plain_rounds_fallback"),
@@ -173,6 +204,15 @@ def parent(args) -> int:
               f"{r['plain_round_share_fallback']:>10.0%} {r['memory_vs_baseline']['fixed']:>8.2f}x "
               f"{r['memory_vs_baseline']['fallback']:>7.2f}x {'yes' if r['all_identical'] else 'NO':>9}"
               + (f" {r['control']:>5.2f}x" if args.control else ""))
+    print(f"# paired: plain / mode seconds within each repeat, geometric mean over "
+          f"{args.prompts} x {args.repeats} pairs [95 % t interval]")
+    shown = ["fixed", "fallback"] + (["plain again"] if args.control else [])
+    names = {"fixed": "fixed K", "fallback": "controller", "plain again": "A/A"}
+    print(f"{'regime':<10} " + " ".join(f"{names[m]:>20}" for m in shown))
+    for r in results:
+        cells = [r["paired"][m] for m in shown]
+        print(f"{r['regime']:<10} " + " ".join(f"{g:>5.2f}x [{lo:.2f}, {hi:.2f}]".rjust(20)
+                                            for g, lo, hi in cells))
     return 0
 
 
