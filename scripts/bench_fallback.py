@@ -52,7 +52,7 @@ def williams_orders(n: int) -> list[list[int]]:
 
 def paired_ratio(plain: list[float], mode: list[float]) -> tuple[float, float, float]:
     """(geometric mean, 95 % low, 95 % high) of plain[i] / mode[i]: a t interval on the logs."""
-    from scipy import stats
+    from scipy import stats  # a dev dependency; child() imports it first, so a missing one fails fast
 
     logs = [math.log(a / b) for a, b in zip(plain, mode)]
     mean = statistics.fmean(logs)
@@ -65,6 +65,7 @@ def paired_ratio(plain: list[float], mode: list[float]) -> tuple[float, float, f
 def child(args) -> dict:
     """Measure one regime in this process (its BLAS is whatever the parent preloaded)."""
     import mlx.core as mx
+    import scipy.stats  # noqa: F401  (paired_ratio needs it: fail now, not after the runs)
     from mlx.utils import tree_flatten
 
     from specdec.kit.cli import bench_prompts
