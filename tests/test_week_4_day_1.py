@@ -75,7 +75,7 @@ DEFAULTS = dict(lookahead=4, min_lookahead=1, max_lookahead=8, adaptive=None, wi
                 raise_above=0.85, lower_below=0.60, temperature=0.0, top_k=0, top_p=1.0,
                 max_tokens=128, drafter="model", max_ngram=3, min_ngram=1, tree_branching=2,
                 batch_size=1, fallback=True, fallback_window=16, fallback_margin=0.05,
-                probe_every=32, probe_budget=0.05, memory_limit_mb=None, seed=0,
+                probe_every=32, probe_budget=0.02, memory_limit_mb=None, seed=0,
                 check_contracts=False)
 
 

@@ -428,7 +428,8 @@ PROBE_COSTS = dict(plain=[0.01] * 2, draft=[(4, 0.004)], verify=[(4, 0.0215)], p
 
 
 @pytest.mark.parametrize("kw, want, why", [
-    (dict(), 52, "ceil((K c + v(K) - 1) / (probe_budget - c p)) = ceil(1.55 / (0.05 - 0.02)) = 52"),
+    (dict(probe_budget=0.05), 52,
+     "ceil((K c + v(K) - 1) / (probe_budget - c p)) = ceil(1.55 / (0.05 - 0.02)) = 52"),
     (dict(probe_budget=0.06), 39, "with probe_budget 0.06: ceil(1.55 / 0.04) = 39"),
     (dict(probe_budget=0.06, initial_lookahead=2), 34,
      "the probe runs at K = initial_lookahead = 2, where v(2) is the measured v(4) = 2.15: "
@@ -464,7 +465,8 @@ def test_task_2_probe_wait_prices_the_probe_at_the_capped_k(impl, use_ref):
 
 def test_task_2_probes_wait_for_their_budget(impl, use_ref):
     use_ref(*ESTIMATES, "fallback.FallbackController.probe_wait")
-    c = controller_with(impl, rounds=[(4, (0,))] * 4, probe_every=8, max_backoff=8, **PROBE_COSTS)
+    c = controller_with(impl, rounds=[(4, (0,))] * 4, probe_every=8, max_backoff=8,
+                       probe_budget=0.05, **PROBE_COSTS)
     assert c.decide() == 0 and not c.speculating, "nothing accepted in 4 rounds: leave for plain"
     assert c.until_probe == 52, (
         f"leaving speculation sets until_probe = max(probe_interval, probe_wait()) = max(8, 52) = "

@@ -77,7 +77,7 @@ class SpeculativeConfig:
     fallback_window: int = 16
     fallback_margin: float = 0.05
     probe_every: int = 32
-    probe_budget: float = 0.05
+    probe_budget: float = 0.02
     memory_limit_mb: Optional[float] = None
     seed: int = 0
     check_contracts: bool = False
@@ -132,7 +132,7 @@ class SpeculativeConfig:
                             "relative goodput margin such as 0.05")
         if typed("probe_budget") and not 0 < self.probe_budget <= 1:
             problems.append(f"probe_budget {self.probe_budget} is outside (0, 1]: it is the share "
-                            "of plain time a failed probe may cost, such as 0.05")
+                            "of plain time a failed probe may cost, such as 0.02")
         if typed("memory_limit_mb") and self.memory_limit_mb is not None and self.memory_limit_mb <= 0:
             problems.append(f"memory_limit_mb {self.memory_limit_mb} <= 0: use None for no limit "
                             "or a positive size in MB such as 4096")

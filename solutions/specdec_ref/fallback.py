@@ -72,7 +72,7 @@ class FallbackController:
         initial_lookahead: int = 4,
         calibration_rounds: int = 2,
         max_backoff: int = 8,
-        probe_budget: float = 0.05,
+        probe_budget: float = 0.02,
     ):
         """Check the arguments; start in speculative mode with K = 0 until calibrated.
 
@@ -97,8 +97,8 @@ class FallbackController:
         if max_backoff < 1:
             problems.append(f"max_backoff must be >= 1 (1 = no backoff), got {max_backoff}")
         if not 0.0 < probe_budget <= 1.0:
-            problems.append(f"probe_budget must be in (0, 1], got {probe_budget} (0.05: a failed "
-                            "probe may cost 5% of the plain time before it)")
+            problems.append(f"probe_budget must be in (0, 1], got {probe_budget} (0.02: a failed "
+                            "probe may cost 2% of the plain time before it)")
         if problems:
             raise ValueError("; ".join(problems))
         self.max_lookahead, self.window, self.margin = max_lookahead, window, margin

@@ -77,7 +77,7 @@ class SpeculativeConfig:
     fallback_window: int = 16
     fallback_margin: float = 0.05
     probe_every: int = 32
-    probe_budget: float = 0.05
+    probe_budget: float = 0.02
     memory_limit_mb: Optional[float] = None
     seed: int = 0
     check_contracts: bool = False

@@ -71,7 +71,7 @@ class FallbackController:
         initial_lookahead: int = 4,
         calibration_rounds: int = 2,
         max_backoff: int = 8,
-        probe_budget: float = 0.05,
+        probe_budget: float = 0.02,
     ):
         """Check the arguments; start in speculative mode with K = 0 until calibrated.
 
