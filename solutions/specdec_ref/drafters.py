@@ -8,102 +8,31 @@ into the decoder Week 2's `speculative_generate` expects.
 Shapes: `K` draft length, `V` vocabulary, `L` tokens fed.
 """
 
-from types import SimpleNamespace
-from typing import Optional, Protocol
+from typing import Optional
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
+# Provided code lives once, in the kit; re-exported here (specdec.drafters.TokenHistory, ...).
+from specdec.kit.drafters import (
+    Drafter,
+    DrafterDecoderBase,
+    ModelDrafterBase,
+    NgramDrafterBase,
+    TokenHistory,
+)
 from specdec.kit.models import model_vocab_size
 
 from .draft import SpeculativeDecoder
 
+class ModelDrafter(ModelDrafterBase):
+    """A draft model behind the `Drafter` interface: Week 2's drafting loop (provided).
 
-class Drafter(Protocol):
-    """What a decoder needs from a drafter (a `typing.Protocol`: any class with these works).
-
-    Attributes:
-        vocab_size  V, or None while unknown (a `DrafterDecoder` fills it in from the target)
-        cache       list of trimmable per-layer caches ([] for a drafter that keeps no state).
-                    Same invariant as Week 2's draft cache: after `draft`, it holds everything
-                    fed so far plus draft_tokens[:-1]; `commit_round` trims the rejected drafts.
+    `ModelDrafter(draft_model)`: vocab_size from the model, cache = its KV cache; `draft` runs
+    this tree's `SpeculativeDecoder.draft_generation` (the code is in `specdec.kit.drafters`).
     """
 
-    vocab_size: Optional[int]
-    cache: list
-
-    def reset(self) -> None:
-        """Forget everything: a new prompt starts."""
-        ...
-
-    def draft(
-        self,
-        unseen_tokens: mx.array,
-        num_tokens: int,
-        temperature: float = 0.0,
-        key: Optional[mx.array] = None,
-    ) -> tuple[mx.array, mx.array]:
-        """Feed unseen_tokens (int [L], L >= 1) and propose 1 <= k' <= num_tokens tokens.
-
-        Returns (draft_tokens int32 [k'], q_draft float32 [k', V]), q_draft[i] the distribution
-        draft_tokens[i] was drawn from, as in Week 2's `draft_generation`.
-        """
-        ...
-
-
-class ModelDrafter:
-    """A draft model behind the `Drafter` interface: Week 2's drafting loop (provided)."""
-
-    def __init__(self, draft_model):
-        """Wrap `draft_model`; vocab_size comes from `model_vocab_size`."""
-        self.draft_model = draft_model
-        self.vocab_size = model_vocab_size(draft_model)
-        self.reset()
-
-    def reset(self) -> None:
-        """A fresh, empty KV cache."""
-        self.cache = make_prompt_cache(self.draft_model)
-
-    def draft(
-        self,
-        unseen_tokens: mx.array,
-        num_tokens: int,
-        temperature: float = 0.0,
-        key: Optional[mx.array] = None,
-    ) -> tuple[mx.array, mx.array]:
-        """Week 2 Day 1's `SpeculativeDecoder.draft_generation`, on this drafter's model and cache."""
-        # draft_generation only reads the draft model and its cache: lend it ours.
-        view = SimpleNamespace(
-            draft_model=self.draft_model, draft_cache=self.cache, vocab_size=self.vocab_size
-        )
-        return SpeculativeDecoder.draft_generation(view, unseen_tokens, num_tokens, temperature, key)
-
-
-class TokenHistory:
-    """The n-gram drafter's "KV cache": the token ids it was fed, trimmable like mlx-lm's caches.
-
-    `commit_round` trims it exactly as it trims a model's cache, so after each round it holds the
-    committed sequence minus the tokens the next `draft` call will feed (provided).
-    """
-
-    def __init__(self):
-        """Start empty."""
-        self.tokens: list[int] = []
-
-    @property
-    def offset(self) -> int:
-        """How many tokens it holds (mlx-lm caches call this `offset`)."""
-        return len(self.tokens)
-
-    def is_trimmable(self) -> bool:
-        """Always: dropping the last n tokens is a list slice."""
-        return True
-
-    def trim(self, n: int) -> int:
-        """Drop the last n tokens (at most all of them); return how many were dropped."""
-        n = min(max(n, 0), len(self.tokens))
-        del self.tokens[len(self.tokens) - n :]
-        return n
+    decoder_class = SpeculativeDecoder
 
 
 def find_ngram_continuation(
@@ -136,30 +65,15 @@ def find_ngram_continuation(
     return []
 
 
-class NgramDrafter:
+class NgramDrafter(NgramDrafterBase):
     """Drafts by prompt lookup in the committed text; no model, no weights.
 
+    `NgramDrafter(max_ngram=3, min_ngram=1, vocab_size=None)`. Provided (`NgramDrafterBase` in
+    `specdec.kit.drafters`): the constructor (ValueError unless 1 <= min_ngram <= max_ngram),
+    `reset()` (an empty history) and the property `history` (the token list in `cache[0]`).
     Attributes: max_ngram, min_ngram, vocab_size (V or None), cache = [TokenHistory()].
     Proposals are deterministic, so q_draft is one-hot on each proposed token.
     """
-
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, vocab_size: Optional[int] = None):
-        """Raises ValueError unless 1 <= min_ngram <= max_ngram (provided)."""
-        if not 1 <= min_ngram <= max_ngram:
-            raise ValueError(
-                f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram}, max_ngram={max_ngram}"
-            )
-        self.max_ngram, self.min_ngram, self.vocab_size = max_ngram, min_ngram, vocab_size
-        self.reset()
-
-    def reset(self) -> None:
-        """An empty history (provided)."""
-        self.cache = [TokenHistory()]
-
-    @property
-    def history(self) -> list[int]:
-        """The tokens in the cache (provided)."""
-        return self.cache[0].tokens
 
     def draft(
         self,
@@ -200,11 +114,12 @@ class NgramDrafter:
         return draft_tokens, q_draft
 
 
-class DrafterDecoder:
+class DrafterDecoder(DrafterDecoderBase):
     """Any `Drafter` plus a target model, as the decoder `speculative_generate` expects.
 
     Attributes: drafter, target_model, lookahead (K), vocab_size (V), target_cache; the
-    property `draft_cache` is `drafter.cache` (so `commit_round` trims the drafter's state).
+    property `draft_cache` is `drafter.cache` (so `commit_round` trims the drafter's state;
+    provided by `DrafterDecoderBase` in `specdec.kit.drafters`).
     """
 
     def __init__(self, drafter: "Drafter", target_model, lookahead: int = 4):
@@ -235,11 +150,6 @@ class DrafterDecoder:
                     f"the {role}'s cache has layers that cannot be trimmed ({stuck[0]}): "
                     "rejected drafts must be rolled back; use trimmable caches such as KVCache"
                 )
-
-    @property
-    def draft_cache(self) -> list:
-        """The drafter's cache list (what `commit_round` trims)."""
-        return self.drafter.cache
 
     def reset(self) -> None:
         """Reset the drafter and give the target a fresh, empty cache."""
