@@ -170,9 +170,16 @@ def test_task_1_the_issue_example(impl):
         f"a problem line must name both bounds and their values, like 'min_lookahead 6 > "
         f"max_lookahead 4: ...'; got {problems}"
     )
+    about_k = [p for p in problems if p.startswith("lookahead ")]
+    assert not about_k, (
+        f"with min_lookahead 6 > max_lookahead 4 there is no range to put K in: the class "
+        f"docstring says lookahead is checked against its bounds only when they are in order, so "
+        f"this is one problem (the bounds), not a second one about lookahead; got {about_k} "
+        f"({CHAPTER}, Task 1)"
+    )
 
 
-@pytest.mark.parametrize("kwargs, fields", [
+CROSS_FIELD = [
     (dict(lookahead=9), ["lookahead", "max_lookahead"]),
     (dict(lookahead=2, min_lookahead=3), ["lookahead", "min_lookahead"]),
     (dict(lower_below=0.9, raise_above=0.8), ["lower_below", "raise_above"]),
@@ -181,7 +188,23 @@ def test_task_1_the_issue_example(impl):
     (dict(drafter="tree", adaptive="heuristic"), ["drafter", "adaptive"]),
     (dict(batch_size=4, drafter="ngram"), ["batch_size", "drafter"]),
     (dict(batch_size=2, adaptive="goodput"), ["batch_size", "adaptive"]),
-])
+]
+
+
+def test_the_class_docstring_lists_every_cross_field_rule(impl):
+    """The failure below says "breaks a cross-field rule of the class docstring": make it true."""
+    doc = impl.config.SpeculativeConfig.__doc__
+    assert "Cross-field rules" in doc, "SpeculativeConfig's docstring has a 'Cross-field rules' list"
+    rules = doc.split("Cross-field rules", 1)[1].split("\n\n", 1)[0]
+    items = [" ".join(item.split()) for item in rules.split("\n      - ")[1:]]
+    for kwargs, fields in CROSS_FIELD:
+        assert any(all(re.search(rf"(?<!\w){f}(?!\w)", item) for f in fields) for item in items), (
+            f"the class docstring's cross-field rules must state the rule that "
+            f"SpeculativeConfig({kwargs}) breaks (one item naming {fields}); items: {items}"
+        )
+
+
+@pytest.mark.parametrize("kwargs, fields", CROSS_FIELD)
 def test_task_1_cross_field_rules(impl, kwargs, fields):
     problems = config_error(impl, f"SpeculativeConfig({kwargs}) breaks a cross-field rule of the "
                             f"class docstring ({CHAPTER}, Task 1)",

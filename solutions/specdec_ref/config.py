@@ -9,20 +9,26 @@ through a dict and JSON, so a run can be saved, diffed and replayed; the CLI bui
 
 import dataclasses
 import difflib
-import json
-import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
+# Provided code lives once, in the kit; re-exported here (specdec.config.type_problems, ...).
+from specdec.kit.config import (
+    ALLOWED,
+    AT_LEAST_ONE,
+    DEFAULTS,
+    DRAFTERS,
+    MAX_SEED,
+    POLICIES,
+    ConfigFields,
+    a_type,
+    type_problems,
+)
 from specdec.kit.errors import ConfigError
-
-POLICIES = ("threshold", "heuristic", "goodput")  # Week 3 Day 1
-DRAFTERS = ("model", "ngram", "tree")  # Week 2 Day 1, Week 3 Days 3 and 4
-MAX_SEED = 2**64 - 1
 
 
 @dataclass(frozen=True)
-class SpeculativeConfig:
+class SpeculativeConfig(ConfigFields):
     """Everything the decoder and the CLI take, validated once (frozen: change it with
     `dataclasses.replace(config, lookahead=6)`, which validates again).
 
@@ -52,40 +58,21 @@ class SpeculativeConfig:
     seed             PRNG seed, 0 .. 2**64 - 1
     check_contracts  check every core function's contract (Week 4 Day 1 contracts; slow)
 
-    Cross-field rules: min_lookahead <= lookahead <= max_lookahead; the tree drafter is greedy
-    only (temperature 0) and runs without an adaptive policy; batch_size > 1 runs the model
-    drafter with a fixed K (no adaptive policy).
+    Cross-field rules (`validate` reports each broken one as a problem naming the fields
+    involved and their values):
+      - min_lookahead <= max_lookahead;
+      - min_lookahead <= lookahead <= max_lookahead, checked only when the bounds are in order
+        (with min_lookahead > max_lookahead there is no range for K: that is one problem, the
+        bounds, not a second one about lookahead);
+      - lower_below <= raise_above (otherwise K would rise and fall at once);
+      - min_ngram <= max_ngram;
+      - drafter "tree" needs temperature 0 (greedy only) and adaptive None (its depth is fixed);
+      - batch_size > 1 needs drafter "model" and adaptive None (batched decoding, fixed K).
+
+    The fields, their defaults, `__post_init__` (runs `validate`, raises ConfigError), `to_json`
+    and `from_json` are provided by `ConfigFields` (`specdec.kit.config`), with the helpers
+    `type_problems`, `POLICIES`, `DRAFTERS`, `MAX_SEED`, `ALLOWED`, `DEFAULTS`, `AT_LEAST_ONE`.
     """
-
-    lookahead: int = 4
-    min_lookahead: int = 1
-    max_lookahead: int = 8
-    adaptive: Optional[str] = None
-    window: int = 10
-    raise_above: float = 0.85
-    lower_below: float = 0.60
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    max_tokens: int = 128
-    drafter: str = "model"
-    max_ngram: int = 3
-    min_ngram: int = 1
-    tree_branching: int = 2
-    batch_size: int = 1
-    fallback: bool = True
-    fallback_window: int = 16
-    fallback_margin: float = 0.05
-    probe_every: int = 32
-    probe_budget: float = 0.02
-    memory_limit_mb: Optional[float] = None
-    seed: int = 0
-    check_contracts: bool = False
-
-    def __post_init__(self):
-        problems = self.validate()
-        if problems:
-            raise ConfigError(problems)
 
     def validate(self) -> list[str]:
         """Every problem with this config, one string each; [] when it is valid.
@@ -102,7 +89,7 @@ class SpeculativeConfig:
             top_k >= 0; 0 <= raise_above <= 1 and 0 <= lower_below <= 1; temperature >= 0;
             0 < top_p <= 1; 0 <= fallback_margin < 1; 0 < probe_budget <= 1; memory_limit_mb > 0;
             0 <= seed <= 2**64 - 1; adaptive in POLICIES; drafter in DRAFTERS;
-          - the cross-field rules of the class docstring, and lower_below <= raise_above.
+          - every cross-field rule of the class docstring.
         """
         problems, bad_type = type_problems(self)
 
@@ -113,14 +100,14 @@ class SpeculativeConfig:
                      "max_ngram", "min_ngram", "tree_branching", "batch_size", "fallback_window",
                      "probe_every"):
             if typed(name) and getattr(self, name) < 1:
-                problems.append(f"{name} {getattr(self, name)} < 1: {_AT_LEAST_ONE[name]}")
+                problems.append(f"{name} {getattr(self, name)} < 1: {AT_LEAST_ONE[name]}")
         if typed("top_k") and self.top_k < 0:
             problems.append(f"top_k {self.top_k} < 0: use 0 to turn top-k off, or k >= 1 to keep "
                             "the k most probable tokens")
         for name in ("raise_above", "lower_below"):
             if typed(name) and not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} {getattr(self, name)} is outside [0, 1]: it is a fraction "
-                                f"of drafts accepted (default {_DEFAULTS[name]})")
+                                f"of drafts accepted (default {DEFAULTS[name]})")
         if typed("temperature") and self.temperature < 0:
             problems.append(f"temperature {self.temperature} < 0: use 0 for greedy decoding or a "
                             "positive value such as 0.7 to sample")
@@ -141,9 +128,9 @@ class SpeculativeConfig:
                             "integer below 2**64 picks a reproducible random stream")
         if typed("adaptive") and self.adaptive is not None and self.adaptive not in POLICIES:
             problems.append(f"adaptive {self.adaptive!r} is not a policy: use None (fixed K) or "
-                            f"one of {_ALLOWED['adaptive']}")
+                            f"one of {ALLOWED['adaptive']}")
         if typed("drafter") and self.drafter not in DRAFTERS:
-            problems.append(f"drafter {self.drafter!r} is not a drafter: use one of {_ALLOWED['drafter']}")
+            problems.append(f"drafter {self.drafter!r} is not a drafter: use one of {ALLOWED['drafter']}")
 
         # Cross-field rules.
         if typed("min_lookahead", "max_lookahead") and self.min_lookahead > self.max_lookahead:
@@ -190,7 +177,7 @@ class SpeculativeConfig:
         `data` that is not a mapping is one problem too. `data` is not modified.
         """
         if not isinstance(data, Mapping):
-            raise ConfigError([f"config {data!r} is {_a(data)}, not a dict: pass a dict of "
+            raise ConfigError([f"config {data!r} is {a_type(data)}, not a dict: pass a dict of "
                                "field names to values, e.g. {'lookahead': 4}"])
         names = [f.name for f in dataclasses.fields(cls)]
         problems = []
@@ -206,87 +193,3 @@ class SpeculativeConfig:
         if problems:
             raise ConfigError(problems)
         return config
-
-    def to_json(self) -> str:
-        """`to_dict()` as JSON text, one field per line (provided)."""
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "SpeculativeConfig":
-        """The config of a JSON object (provided): `from_dict(json.loads(text))`.
-
-        Text that is not JSON raises ConfigError too, naming the line and column."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError([f"config text is not JSON ({e.msg} at line {e.lineno}, column "
-                               f"{e.colno}): write a JSON object such as {{\"lookahead\": 4}}"]) from None
-        return cls.from_dict(data)
-
-
-# What each field holds, for validate's type checks (provided).
-_KIND = {
-    "lookahead": "int", "min_lookahead": "int", "max_lookahead": "int",
-    "adaptive": "optional str", "window": "int", "raise_above": "float", "lower_below": "float",
-    "temperature": "float", "top_k": "int", "top_p": "float", "max_tokens": "int",
-    "drafter": "str", "max_ngram": "int", "min_ngram": "int", "tree_branching": "int",
-    "batch_size": "int", "fallback": "bool", "fallback_window": "int", "fallback_margin": "float",
-    "probe_every": "int", "probe_budget": "float", "memory_limit_mb": "optional float", "seed": "int",
-    "check_contracts": "bool",
-}
-_ALLOWED = {"adaptive": ", ".join(map(repr, POLICIES)), "drafter": ", ".join(map(repr, DRAFTERS))}
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SpeculativeConfig)}
-_AT_LEAST_ONE = {
-    "lookahead": "K counts the tokens drafted per round (try 4)",
-    "min_lookahead": "an adaptive policy drafts at least one token (try 1)",
-    "max_lookahead": "the largest K a policy may pick (try 8)",
-    "window": "the threshold policy averages over at least one round (try 10)",
-    "max_tokens": "the number of tokens to generate (try 128)",
-    "max_ngram": "the longest suffix the n-gram drafter looks up (try 3)",
-    "min_ngram": "the shortest suffix the n-gram drafter looks up (try 1)",
-    "tree_branching": "children per node of the draft tree (1 is a chain; try 2)",
-    "batch_size": "the number of prompts decoded together (try 1)",
-    "fallback_window": "the controller estimates from at least one round (try 16)",
-    "probe_every": "tokens between two probes of speculation (try 32)",
-}
-
-
-def type_problems(config: "SpeculativeConfig") -> tuple[list[str], set[str]]:
-    """(problems, names): one problem per field whose value has the wrong type, and the names of
-    those fields, so that `validate` can skip comparing them (provided).
-
-    int fields must hold ints (not bools, floats or strings); float fields finite ints or floats
-    (not bools, NaN or inf); fallback and check_contracts bools; drafter a str; adaptive None or
-    a str; memory_limit_mb None or a finite number.
-    """
-    problems: list[str] = []
-    for f in dataclasses.fields(config):
-        value, kind = getattr(config, f.name), _KIND[f.name]
-        if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-            problems.append(f"{f.name} {value!r} is {_a(value)}, not an int: write a whole number "
-                            f"such as {f.default}")
-        elif kind == "float" and not _is_number(value):
-            problems.append(f"{f.name} {value!r} is not a finite number: write a number such as "
-                            f"{f.default}")
-        elif kind == "bool" and not isinstance(value, bool):
-            problems.append(f"{f.name} {value!r} is {_a(value)}, not a bool: write True or False")
-        elif kind == "str" and not isinstance(value, str):
-            problems.append(f"{f.name} {value!r} is {_a(value)}, not a str: write one of "
-                            f"{_ALLOWED[f.name]}")
-        elif kind == "optional str" and value is not None and not isinstance(value, str):
-            problems.append(f"{f.name} {value!r} is {_a(value)}: write None or one of "
-                            f"{_ALLOWED[f.name]}")
-        elif kind == "optional float" and value is not None and not _is_number(value):
-            problems.append(f"{f.name} {value!r} is not a finite number: write None (no limit) "
-                            "or a size in MB such as 4096")
-    return problems, {p.split(" ", 1)[0] for p in problems}
-
-def _is_number(value: Any) -> bool:
-    """A finite int or float, not a bool (provided)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _a(value: Any) -> str:
-    """'a str', 'an int', 'a NoneType', for messages (provided)."""
-    name = type(value).__name__
-    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
