@@ -563,14 +563,17 @@ def test_task_4_check_committed_after_random_rounds(impl, ref):
                     c.offset += delta
             return d
 
-        mutants = [(f"the {role} cache {delta:+d} token", off_by(role, delta), unseen)
+        # (what, decoder, fed, the word the message must hold: the cache it names, as promised)
+        mutants = [(f"the {role} cache {delta:+d} token", off_by(role, delta), unseen, role)
                    for role in ("target", "draft") for delta in (-1, 1)]
         if layers > 1:
-            mutants.append(("one target layer trimmed on its own", off_by("target", -1, layer=1), unseen))
-        mutants.append(("three tokens to feed the draft", decoder, [1, 2, 3]))
-        for what, d, fed in mutants:
+            mutants.append(("one target layer trimmed on its own", off_by("target", -1, layer=1), unseen,
+                            "target"))
+        mutants.append(("three tokens to feed the draft", decoder, [1, 2, 3], None))
+        for what, d, fed, word in mutants:
             with raises(impl.contracts.ContractError, f"check_committed must reject {what} (S={S}, K={K}, "
-                        f"n={n}: the committed sequence has {committed} tokens) ({CHAPTER}, Task 4)"):
+                        f"n={n}: the committed sequence has {committed} tokens), naming the cache "
+                        f"({word!r}) ({CHAPTER}, Task 4)", match=word):
                 impl.contracts.check_committed(d, committed, fed)
 
     check()
@@ -710,14 +713,14 @@ def module_refs(package: str, obj) -> list[str]:
 
 def test_task_5_switch_wraps_everywhere_and_off_restores_identity(impl):
     contracts, package = impl.contracts, impl.package
-    originals = {dotted: contracts._lookup(package, dotted) for dotted in contracts.CONTRACTS}
+    originals = {dotted: contracts.lookup(package, dotted) for dotted in contracts.CONTRACTS}
     homes = {dotted: module_refs(package, fn) for dotted, fn in originals.items()}
     try:
         assert contracts.set_contract_checking(True) is False, "set_contract_checking returns the previous state (off)"
         assert contracts.contracts_enabled(), "after set_contract_checking(True), checking is on"
         wrappers = {}
         for dotted, original in originals.items():
-            wrapper = contracts._lookup(package, dotted)
+            wrapper = contracts.lookup(package, dotted)
             assert wrapper is not original and getattr(wrapper, "__wrapped__", None) is original, (
                 f"with checking on, {package}.{dotted} must be a checked wrapper of the original"
             )
@@ -728,14 +731,14 @@ def test_task_5_switch_wraps_everywhere_and_off_restores_identity(impl):
                 )
             wrappers[dotted] = wrapper
         assert contracts.set_contract_checking(True) is True, "turning on what is on returns True"
-        assert all(contracts._lookup(package, d) is w for d, w in wrappers.items()), (
+        assert all(contracts.lookup(package, d) is w for d, w in wrappers.items()), (
             "turning on twice must not wrap the wrappers"
         )
     finally:
         assert contracts.set_contract_checking(False) is True, "turning off returns the previous state (on)"
     assert not contracts.contracts_enabled()
     for dotted, original in originals.items():
-        assert contracts._lookup(package, dotted) is original and module_refs(package, original) == homes[dotted], (
+        assert contracts.lookup(package, dotted) is original and module_refs(package, original) == homes[dotted], (
             f"off must put back the very same object everywhere ({dotted}): then the hot path runs "
             f"exactly the code it ran before — no cost ({CHAPTER}, Task 5)"
         )

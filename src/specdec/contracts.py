@@ -8,9 +8,7 @@ function objects back, so the hot path then runs exactly the code it ran before:
 Shapes: `K` draft length, `V` vocabulary.
 """
 
-import contextlib
 import functools
-import importlib
 import inspect
 import sys
 from typing import Callable, Optional, Sequence
@@ -18,6 +16,9 @@ from typing import Callable, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+# Provided code lives once, in the kit; re-exported here (specdec.contracts.lookup, ...).
+from specdec.kit.contracts import cache_offset, checking_block, contract_table, lookup, rebind
+from specdec.kit import contracts as _kit
 from specdec.kit.errors import ContractError
 
 
@@ -27,7 +28,9 @@ def check_probs(probs: mx.array, name: str = "probs", axis: int = -1, atol: floa
     Raises ContractError, starting with `name`, when: probs is empty or 0-d; any value is NaN or
     infinite; any value is negative; or any row's sum along `axis` differs from 1 by more than
     atol. The message gives the first offending index and value (or row and sum) and the likely
-    cause. One host sync when everything is fine.
+    cause, and says what broke in these words (the tests search for them, case-insensitively):
+    "not finite" for a NaN or an infinity, "negative" for a negative value, "sums to" for a row
+    whose sum is off. One host sync when everything is fine.
     """
     raise NotImplementedError(
         "Week 4 Day 1 Task 3: check_probs — see book/src/week4-01-config-contracts.md"
@@ -63,7 +66,8 @@ def check_committed(decoder, num_committed: int, draft_unseen: Sequence[int]) ->
     commit_round returned, the 1 or 2 tokens the draft is fed next. The target is fed the newest
     token next, so it must hold num_committed - 1; the draft must hold num_committed -
     len(draft_unseen). All layers of a cache must hold the same number of tokens.
-    Raises ContractError naming the cache, its length, the expected length and the likely cause.
+    Raises ContractError naming the cache (the word "target" or "draft"), its length, the
+    expected length and the likely cause.
     """
     raise NotImplementedError(
         "Week 4 Day 1 Task 4: check_committed — see book/src/week4-01-config-contracts.md"
@@ -93,95 +97,18 @@ def check_batched_rows(
     has at most max_tokens tokens, nothing after its first EOS (a token of eos_token_ids), and
     exactly max_tokens unless it ends with an EOS. With decode_one (prompt -> tokens: the same
     decoder on that prompt alone, at temperature 0), row i must equal decode_one(prompt i).
-    Raises ContractError naming the row, the first offending position and the likely cause.
+    Raises ContractError naming the row as "row i" (0-based, as in outputs), the first offending
+    position and the likely cause.
     """
     raise NotImplementedError(
         "Week 4 Day 1 Task 4: check_batched_rows — see book/src/week4-01-config-contracts.md"
     )
 
 
-def _length(cache: list, role: str) -> int:
-    """The common `offset` of a cache's layers; ContractError if they disagree (provided)."""
-    offsets = [int(layer.offset) for layer in cache]
-    if not offsets or any(o != offsets[0] for o in offsets):
-        raise ContractError(f"the {role} cache's layers hold {offsets} tokens: every layer must "
-                            "hold the same tokens (fed and trimmed together)")
-    return offsets[0]
-
-
-# Which function gets which check (provided). Each entry is `around(fn, call) -> result`: it runs
-# fn on the call's arguments (a dict by parameter name, defaults filled in) and checks the result.
-def _probs_out(name: str):
-    def around(fn, call):
-        probs = fn(**call)
-        check_probs(probs, name)
-        return probs
-    return around
-
-
-def _verified(fn, call):
-    n, tokens = fn(**call)
-    check_verification(n, tokens, call["draft_tokens"], call["target_logits"].shape[-1], fn.__name__)
-    return n, tokens
-
-
-def _drafted(fn, call):
-    draft_tokens, q_draft = fn(**call)
-    k, vocab = draft_tokens.shape[0], call["self"].vocab_size
-    if draft_tokens.ndim != 1 or not 1 <= k <= call["num_tokens"] or tuple(q_draft.shape) != (k, vocab):
-        raise ContractError(f"draft_generation returned tokens {tuple(draft_tokens.shape)} and q "
-                            f"{tuple(q_draft.shape)} for num_tokens = {call['num_tokens']}: expected "
-                            f"[k'] and [k', {vocab}] with 1 <= k' <= num_tokens")
-    check_probs(q_draft, "draft_generation: q_draft")
-    return draft_tokens, q_draft
-
-
-def _committed(fn, call):
-    # The target scored all K drafts, so before the call it holds S + K; S + n + 1 are committed.
-    before = _length(call["decoder"].target_cache, "target")
-    unseen = fn(**call)
-    check_committed(call["decoder"], before - len(call["draft_tokens"]) + call["num_accepted"] + 1, unseen)
-    return unseen
-
-
-def _bounded(fn, call):
-    k = fn(**call)
-    check_lookahead(k, call["min_lookahead"], call["max_lookahead"], "best_lookahead")
-    return k
-
-
-def _updated(fn, call):
-    k, speculator = fn(**call), call["self"]
-    check_lookahead(k, speculator.min_lookahead, speculator.max_lookahead,
-                    f"AdaptiveSpeculator.update ({speculator.policy})")
-    if k != speculator.lookahead:
-        raise ContractError(f"AdaptiveSpeculator.update returned K = {k} but lookahead is "
-                            f"{speculator.lookahead}: store the new K before returning it")
-    return k
-
-
-def _batched(fn, call):
-    outputs = fn(**call)
-    decode_one = None
-    if call["temperature"] == 0 and len(call["batch_prompts"]) > 1:  # greedy: rows are comparable
-        def decode_one(prompt):
-            return fn(**{**call, "batch_prompts": [prompt], "stats": None})[0]
-    check_batched_rows(outputs, call["batch_prompts"], call["max_tokens"], call["eos_token_ids"], decode_one)
-    return outputs
-
-
-CONTRACTS = {
-    "sampling.make_probs": _probs_out("make_probs"),
-    "verify.residual_distribution": _probs_out("residual_distribution"),
-    "verify.verify_greedy": _verified,
-    "verify.verify_speculation": _verified,
-    "draft.SpeculativeDecoder.draft_generation": _drafted,
-    "drafters.DrafterDecoder.draft_generation": _drafted,
-    "speculative.commit_round": _committed,
-    "adaptive.best_lookahead": _bounded,
-    "adaptive.AdaptiveSpeculator.update": _updated,
-    "batched.batched_speculative_decode": _batched,
-}
+# Which function gets which check (provided: `contract_table` in specdec.kit.contracts). Each entry
+# is `around(fn, call) -> result`: it runs fn on the call's arguments (a dict by parameter name,
+# defaults filled in) and checks the result with this module's check_* functions.
+CONTRACTS = contract_table(sys.modules[__name__])
 
 
 # The switch -------------------------------------------------------------------------------------
@@ -206,9 +133,9 @@ def set_contract_checking(on: bool, package: Optional[str] = None) -> bool:
     `specdec` for the student tree, `specdec_ref` for the reference). Returns the previous state.
 
     On: for each "module.function" or "module.Class.method" in CONTRACTS, look up the current
-    object in `package` (`_lookup`), wrap it with `checked(original, around)`, and `_rebind` every
+    object in `package` (`lookup`), wrap it with `checked(original, around)`, and `rebind` every
     reference to it in the package's loaded modules (copies made by `from .verify import ...`
-    included); remember {wrapper: original} in `_originals[package]`. Off: `_rebind` the wrappers
+    included); remember {wrapper: original} in `_originals[package]`. Off: `rebind` the wrappers
     back to the originals, so every name refers to the very same object as before: no cost left.
     Turning on what is on, or off what is off, changes nothing (never wrap a wrapper).
     """
@@ -220,40 +147,10 @@ def set_contract_checking(on: bool, package: Optional[str] = None) -> bool:
 def contracts_enabled(package: Optional[str] = None) -> bool:
     """Whether contract checking is on for `package` (default: this module's): whether its
     verify_speculation is a checked wrapper now (it has `__wrapped__`) (provided)."""
-    return hasattr(_lookup(package or __package__, "verify.verify_speculation"), "__wrapped__")
+    return _kit.contracts_enabled(package or __package__)
 
 
-@contextlib.contextmanager
 def contract_checking(on: bool = True, package: Optional[str] = None):
     """`with contract_checking():` checks every call inside the block, then restores the previous
     state, even if the block raises (provided). package: as in `set_contract_checking`."""
-    package = package or __package__
-    was_on = set_contract_checking(on, package)
-    try:
-        yield
-    finally:
-        set_contract_checking(was_on, package)
-
-
-def _lookup(package: str, dotted: str) -> Callable:
-    """The function "module.function" or "module.Class.method" names in `package` (provided)."""
-    module_name, *attrs = dotted.split(".")
-    owner = importlib.import_module(f"{package}.{module_name}")
-    for attr in attrs[:-1]:
-        owner = getattr(owner, attr)
-    return vars(owner)[attrs[-1]] if inspect.isclass(owner) else getattr(owner, attrs[-1])
-
-
-def _rebind(package: str, swaps: dict) -> None:
-    """In every loaded module of `package` and every class it defines, replace each attribute
-    that IS (identity) a key of `swaps` by its value (provided)."""
-    by_id = {id(old): new for old, new in swaps.items()}
-    for name, module in list(sys.modules.items()):
-        if module is None or not (name == package or name.startswith(package + ".")):
-            continue
-        owners = [module] + [c for c in vars(module).values()
-                             if inspect.isclass(c) and c.__module__ == name]
-        for owner in owners:
-            for attr, value in list(vars(owner).items()):
-                if id(value) in by_id:
-                    setattr(owner, attr, by_id[id(value)])
+    return checking_block(set_contract_checking, on, package or __package__)
