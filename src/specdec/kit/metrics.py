@@ -20,18 +20,11 @@ Rounds = Union[SpecStats, Iterable[tuple[int, int]]]  # a SpecStats, or (K, n) p
 
 @dataclass
 class RequestMetricsBase:
-    """The fields and figures of `RequestMetrics` (each tree's subclass adds
-    `acceptance_per_position()`, its Task 1 on this request's rounds, which `as_dict` and
-    `summary` use). `measure` fills it in; times are seconds on its clock.
+    """The fields and figures of `RequestMetrics`, whose docstring says what each field holds.
 
-    stats                the SpecStats the decoding loop fills for this request (a fresh one)
-    start_s              clock when the first token was asked for (None before)
-    first_token_s        clock when the first token arrived (None before)
-    end_s                clock when the last token arrived (None before)
-    tokens               tokens the stream yielded
-    first_round_tokens   tokens the first target call produced (they arrive together; for a
-                         stream that records no rounds, 1)
-    draft_time_per_round, verify_time_per_round   seconds, one entry per round of `stats`
+    Each tree's subclass adds `acceptance_per_position()` (its Task 1 on this request's rounds),
+    which `as_dict` and `summary` use. `measure` fills the fields in; times are seconds on its
+    clock.
     """
 
     stats: SpecStats = field(default_factory=SpecStats)
