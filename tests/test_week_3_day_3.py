@@ -13,6 +13,8 @@ import pytest
 from mlx_lm.models.cache import ArraysCache, KVCache
 from scipy import stats as scipy_stats
 
+from specdec.kit import drafters as kit_drafters
+from specdec.kit.impl import get_impl
 from specdec.kit.models import markov_pair
 from specdec.kit.stats import SpecStats
 from support import raises
@@ -316,3 +318,15 @@ def test_task_3_sampling_follows_the_target(impl, ref, use_ref):
             f"{pvalue:.2g}): with a one-hot q, verification accepts d with probability p(d) and "
             f"otherwise resamples from p without d ({CHAPTER})"
         )
+
+
+# The kit ------------------------------------------------------------------------------------------
+def test_provided_code_lives_once_in_the_kit():
+    """Provided code is one copy (specdec/kit/drafters.py) that both trees import: a fix reaches both."""
+    for tree in (get_impl("student").drafters, get_impl("ref").drafters):
+        assert tree.Drafter is kit_drafters.Drafter and tree.TokenHistory is kit_drafters.TokenHistory, (
+            f"{tree.__name__} must re-export the kit's Drafter and TokenHistory, not a copy")
+        for cls, base in (("ModelDrafter", "ModelDrafterBase"), ("NgramDrafter", "NgramDrafterBase"),
+                          ("DrafterDecoder", "DrafterDecoderBase")):
+            assert issubclass(getattr(tree, cls), getattr(kit_drafters, base)), (
+                f"{tree.__name__}.{cls} must build on the kit's {base} (its provided part)")

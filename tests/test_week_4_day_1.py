@@ -27,6 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlx_lm.models.cache import trim_prompt_cache
 
+from specdec.kit import config as kit_config
+from specdec.kit import contracts as kit_contracts
+from specdec.kit.impl import get_impl
 from support import raises
 
 CHAPTER = "book/src/week4-01-config-contracts.md"
@@ -826,3 +829,18 @@ def test_task_5_every_loop_checked_on_the_reference(impl, ref, monkeypatch, mark
                 "target cache must be caught at that round by check_committed", match="target"):
         with impl.contracts.contract_checking(package=ref.package):
             list(ref.speculative.speculative_generate(decoder, prompt, 24))
+
+
+# The kit ------------------------------------------------------------------------------------------
+def test_provided_code_lives_once_in_the_kit():
+    """Provided code is one copy (specdec/kit/config.py, contracts.py) that both trees import."""
+    for impl in (get_impl("student"), get_impl("ref")):
+        config, contracts = impl.config, impl.contracts
+        assert issubclass(config.SpeculativeConfig, kit_config.ConfigFields), (
+            f"{config.__name__}.SpeculativeConfig must build on the kit's ConfigFields (fields, JSON)")
+        assert config.type_problems is kit_config.type_problems and config.POLICIES is kit_config.POLICIES
+        assert (contracts.lookup, contracts.rebind, contracts.cache_offset) == (
+            kit_contracts.lookup, kit_contracts.rebind, kit_contracts.cache_offset), (
+            f"{contracts.__name__} must re-export the kit's lookup, rebind and cache_offset, not copies")
+        assert sorted(contracts.CONTRACTS) == sorted(kit_contracts.contract_table(contracts)), (
+            f"{contracts.__name__}.CONTRACTS must be the kit's contract_table of its own checks")

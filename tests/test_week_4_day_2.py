@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from specdec.kit import metrics as kit_metrics
+from specdec.kit.impl import get_impl
 from specdec.kit.models import MarkovLM
 from specdec.kit.stats import SpecStats
 from support import raises
@@ -532,3 +534,14 @@ def test_task_4_matches_the_cost_model(impl, use_ref):
         f"{tokens_per_round:.3f} tokens each (after the first): the measured speed-up must be "
         f"E / (K c + v) = {expected:.4f}, got {got} ({CHAPTER}, Task 4)"
     )
+
+
+# The kit ------------------------------------------------------------------------------------------
+def test_provided_code_lives_once_in_the_kit():
+    """Provided code is one copy (specdec/kit/metrics.py) that both trees import: a fix reaches both."""
+    for tree in (get_impl("student").metrics, get_impl("ref").metrics):
+        assert tree.PlainBaseline is kit_metrics.PlainBaseline and tree.TIME_BUCKETS is kit_metrics.TIME_BUCKETS, (
+            f"{tree.__name__} must re-export the kit's PlainBaseline and buckets, not copies")
+        assert issubclass(tree.RequestMetrics, kit_metrics.RequestMetricsBase) and issubclass(
+            tree.MetricsAggregator, kit_metrics.MetricsAggregatorBase), (
+            f"{tree.__name__}: RequestMetrics and MetricsAggregator must build on the kit's bases")
