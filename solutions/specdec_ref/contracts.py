@@ -17,8 +17,8 @@ import mlx.core as mx
 import numpy as np
 
 # Provided code lives once, in the kit; re-exported here (specdec.contracts.lookup, ...).
-from specdec.kit.contracts import cache_offset, checking_block, contract_table, lookup, rebind
 from specdec.kit import contracts as _kit
+from specdec.kit.contracts import cache_offset, checking_block, contract_table, lookup, rebind
 from specdec.kit.errors import ContractError
 
 
