@@ -12,4 +12,6 @@ reference solution (`specdec_ref`) import it, so the reference never duplicates 
              and `cli.common` for what generate and bench share (flags, checks, models, decoding)
 - `tasks`    the registry of the course's tasks: week, day, task, function, chapter
 - `grade`    the scoreboard behind `specdec grade`
+- `drafters`, `config`, `contracts`, `metrics`   the provided halves of those exercise modules
+             (base classes, tables, helpers): one copy that both trees import and re-export
 """
