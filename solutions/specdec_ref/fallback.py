@@ -26,13 +26,12 @@ import time
 from typing import Iterator, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache
-
 from specdec.kit.errors import FallbackWarning  # noqa: F401  (re-exported: the loops' warnings)
 from specdec.kit.fallback_policy import (  # noqa: F401  (DRAFT_WINDOW, MIN_ROUNDS: re-exported)
-    DRAFT_WINDOW, MIN_ROUNDS, ControllerBase, batch_fault, cache_length, draft_fault, draft_lost,
-    finish_in_halves, first_draft_step, is_out_of_memory, over_memory_limit, restore_cache,
-    shortest_row_progress, target_fault, window_rows)
+    DRAFT_WINDOW, MIN_ROUNDS, ControllerBase, batch_fault, cache_length, cannot_roll_back,
+    commit_failed, compact_padding, count_round, draft_fault, draft_lost, drafts_failed,
+    finish_in_halves, first_draft_step, is_out_of_memory, over_memory_limit, shortest_row_progress,
+    target_fault, window_rows)
 from specdec.kit.models import model_vocab_size
 from specdec.kit.stats import SpecStats
 
@@ -331,9 +330,7 @@ def fallback_generate(
             draft_model = getattr(decoder, "draft_model", None)
             K = min(first_draft_step(controller, draft_model, [[committed[-1]]], stats), max_tokens - emitted - 1)
             mark = time.perf_counter()
-        if K > 0 and not all(c.is_trimmable() for c in decoder.draft_cache + decoder.target_cache):
-            controller.disable_draft("a KV cache can no longer roll back (a sliding window that "
-                                     "wrapped?): finishing this request with plain decoding")
+        if K > 0 and cannot_roll_back(decoder, controller):
             K = 0
 
         if K == 0:  # a plain round
@@ -347,9 +344,7 @@ def fallback_generate(
             else:
                 controller.observe_prefill(len(committed), now - mark)
                 prefilled = True
-            if stats is not None:
-                stats.record_round(0, 0, 1)
-                stats.verify_time_s += now - mark
+            count_round(stats, 0, 0, 1, 0.0, now - mark)
             mark = now
             committed.append(token)
             emitted += 1
@@ -387,9 +382,7 @@ def fallback_generate(
             try:
                 mx.eval(draft_tokens, q_draft) if temperature > 0 else mx.eval(draft_tokens)
             except Exception as error:  # computing the drafts failed: the target's call has not run
-                if not restore_cache(decoder.target_cache, target_len):
-                    decoder.target_cache = make_prompt_cache(decoder.target_model)
-                draft_fault(decoder, controller, error, draft_len)
+                drafts_failed(decoder, controller, error, draft_len, target_len)
                 continue
             drafted = time.perf_counter() - build_s
             num_accepted, tokens = verify_speculation(
@@ -401,9 +394,7 @@ def fallback_generate(
         try:
             commit_round(decoder, draft_tokens.tolist(), num_accepted, tokens[-1])
         except ValueError as error:
-            controller.disable_draft(f"{error}: finishing this request with plain decoding")
-            if cache_length(decoder.target_cache) != len(committed) + num_accepted:
-                decoder.target_cache = make_prompt_cache(decoder.target_model)  # re-filled next round
+            commit_failed(decoder, controller, error, len(committed) + num_accepted)
         out = []
         for i, token in enumerate(tokens):
             out.append((token, i < num_accepted))
@@ -415,11 +406,7 @@ def fallback_generate(
         controller.update(K, num_accepted, None if caught_up else drafted - start, verified - drafted)
         if over_memory_limit(memory_limit_mb):
             controller.memory_pressure()
-        if stats is not None:
-            stats.record_round(K, num_accepted, len(out))
-            stats.draft_calls += K
-            stats.draft_time_s += drafted - start
-            stats.verify_time_s += verified - drafted
+        count_round(stats, K, num_accepted, len(out), drafted - start, verified - drafted)
         prefilled = True
         yield from out
         if out[-1][0] in eos:
@@ -552,7 +539,7 @@ def batched_fallback_decode(
                 return outputs
             continue
 
-        keep, drops, done = [], [], []
+        keep, drops, done, accepted, emitted = [], [], [], [], []
         before = [len(outputs[r]) for r in rows]
         for b, r in enumerate(rows):
             if K == 0:
@@ -568,8 +555,8 @@ def batched_fallback_decode(
                     break
             outputs[r] += out
             done.append(out[-1] in eos)
-            if stats is not None:
-                stats.record_round(K, n, len(out))
+            accepted.append(n)
+            emitted.append(len(out))
             if len(outputs[r]) < max_tokens and not done[-1]:
                 keep.append(b)
                 drops.append(K - n)
@@ -598,16 +585,11 @@ def batched_fallback_decode(
             controller.update(K, [d - 1], None if caught_up else drafted - start, verified - drafted)
             draft_lag = 2  # the draft holds C[:-2] of every row (see batched.py)
         prefilled = True
-        if stats is not None:
-            stats.draft_calls += K
-            stats.draft_time_s += drafted - start
-            stats.verify_time_s += verified - drafted
+        count_round(stats, K, accepted, emitted, drafted - start, verified - drafted)
         if not keep:
             break
         if K > 0:  # only a rollback adds padding
-            for cache in caches:
-                if min(cache[0].left_padding.tolist()) >= SHARED_PADDING_LIMIT:
-                    filter_rows(cache, list(range(len(rows))))
+            compact_padding(caches, filter_rows, SHARED_PADDING_LIMIT)
         if over_memory_limit(memory_limit_mb) and not controller.memory_pressure() and len(rows) > 1:
             halve()
             return outputs

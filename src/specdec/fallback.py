@@ -26,13 +26,12 @@ import time
 from typing import Iterator, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache
-
 from specdec.kit.errors import FallbackWarning  # noqa: F401  (re-exported: the loops' warnings)
 from specdec.kit.fallback_policy import (  # noqa: F401  (DRAFT_WINDOW, MIN_ROUNDS: re-exported)
-    DRAFT_WINDOW, MIN_ROUNDS, ControllerBase, batch_fault, cache_length, draft_fault, draft_lost,
-    finish_in_halves, first_draft_step, is_out_of_memory, over_memory_limit, restore_cache,
-    shortest_row_progress, target_fault, window_rows)
+    DRAFT_WINDOW, MIN_ROUNDS, ControllerBase, batch_fault, cache_length, cannot_roll_back,
+    commit_failed, compact_padding, count_round, draft_fault, draft_lost, drafts_failed,
+    finish_in_halves, first_draft_step, is_out_of_memory, over_memory_limit, shortest_row_progress,
+    target_fault, window_rows)
 from specdec.kit.models import model_vocab_size
 from specdec.kit.stats import SpecStats
 

@@ -15,9 +15,10 @@ the chapter (book/src/week4-03-fallback.md, "Each rule of the controller is ther
   - `refinements`: the rules `decide` applies before its own (a cost verdict that holds off
     probes; the generous alpha before MIN_ROUNDS counts).
 The loops' helpers: `is_out_of_memory`, `cache_length`, `restore_cache`, `over_memory_limit`,
-`first_draft_step`, `draft_fault`, `target_fault`, `draft_lost` (single stream and batch),
-`window_rows` (DRAFT_WINDOW), `shortest_row_progress` (the shortest-row rule), `batch_fault`
-and `finish_in_halves` (a batch under memory pressure).
+`first_draft_step`, `count_round` (stats), `cannot_roll_back`, `draft_fault`, `drafts_failed`,
+`target_fault`, `commit_failed`, `draft_lost` (single stream and batch), `window_rows`
+(DRAFT_WINDOW), `shortest_row_progress` (the shortest-row rule), `compact_padding`,
+`batch_fault` and `finish_in_halves` (a batch under memory pressure).
 Both trees import this module, so a fix here reaches the reference and your code alike.
 """
 
@@ -343,6 +344,53 @@ def target_fault(decoder, controller, error: Exception, draft_len: int, target_l
     if not (restore_cache(decoder.target_cache, target_len) and restore_cache(decoder.draft_cache, draft_len)):
         decoder.reset()
     controller.memory_pressure()
+
+
+def count_round(stats, k: int, accepted, emitted, draft_s: float, verify_s: float) -> None:
+    """Add one round to `stats` (nothing when stats is None): record_round(K, n, emitted) once,
+    or once per row when accepted and emitted are lists; K draft calls; the seconds."""
+    if stats is None:
+        return
+    rows = zip(accepted, emitted) if isinstance(accepted, list) else [(accepted, emitted)]
+    for n, out in rows:
+        stats.record_round(k, n, out)
+    stats.draft_calls += k
+    stats.draft_time_s += draft_s
+    stats.verify_time_s += verify_s
+
+
+def cannot_roll_back(decoder, controller) -> bool:
+    """True (and the draft disabled, with a reason naming the rollback) when a cache of the
+    decoder can no longer be trimmed (a sliding window that wrapped): speculation must stop."""
+    if all(c.is_trimmable() for c in decoder.draft_cache + decoder.target_cache):
+        return False
+    controller.disable_draft("a KV cache can no longer roll back (a sliding window that "
+                             "wrapped?): finishing this request with plain decoding")
+    return True
+
+
+def drafts_failed(decoder, controller, error: Exception, draft_len: int, target_len: int) -> None:
+    """Computing the drafts failed after the target's call was built (not run): the target cache
+    goes back to target_len tokens (or starts again), then `draft_fault`."""
+    if not restore_cache(decoder.target_cache, target_len):
+        decoder.target_cache = make_prompt_cache(decoder.target_model)  # re-filled next round
+    draft_fault(decoder, controller, error, draft_len)
+
+
+def commit_failed(decoder, controller, error: ValueError, committed_len: int) -> None:
+    """commit_round could not roll a cache back: plain decoding from now on; a target cache left
+    holding rejected drafts (not committed_len tokens) starts again, re-filled next round."""
+    controller.disable_draft(f"{error}: finishing this request with plain decoding")
+    if cache_length(decoder.target_cache) != committed_len:
+        decoder.target_cache = make_prompt_cache(decoder.target_model)
+
+
+def compact_padding(caches: list, filter_rows: Callable, limit: int) -> None:
+    """Drop the columns every row pads once there are `limit` of them (`filter_rows` keeping
+    every row): they only cost attention time."""
+    for cache in caches:
+        if min(cache[0].left_padding.tolist()) >= limit:
+            filter_rows(cache, list(range(cache[0].left_padding.shape[0])))
 
 
 def window_rows(sequences: list[list[int]], draft_lag: int, have_cache: bool) -> tuple[list[list[int]], bool]:
