@@ -159,25 +159,31 @@ LOOP_COSTS = {  # (target per call, target per token, draft per call, draft per 
 }
 
 
-def run_single_loop(ref, monkeypatch, pair, cost, temperature=0.0, faults=None, max_tokens=48,
-                    memory_limit_mb=None, kwargs=None):
+def clocked_run(ref, monkeypatch, pair, cost, faults, kwargs):
+    """Fake time, clocked models (with their faults) and a reference controller whose update()
+    calls are recorded: (draft, target, controller, updates)."""
     clock = Clock()
     fake_time(monkeypatch, clock)
-    draft, target = pair
     tc, tt, dc, dt = LOOP_COSTS[cost]
     faults = faults or {}
-    draft = Clocked(draft, clock, dc, dt, **faults.get("draft", {}))
-    target = Clocked(target, clock, tc, tt, **faults.get("target", {}))
+    draft = Clocked(pair[0], clock, dc, dt, **faults.get("draft", {}))
+    target = Clocked(pair[1], clock, tc, tt, **faults.get("target", {}))
     controller = ref.fallback.FallbackController(**(kwargs or {}))
     updates = []
     real_update = controller.update
 
     def spy(*args):
-        updates.append([args[0], list(args[1]) if isinstance(args[1], (list, tuple)) else args[1],
-                        args[2], args[3]])
+        counts = list(args[1]) if isinstance(args[1], (list, tuple)) else args[1]
+        updates.append([args[0], counts, _r(args[2]), _r(args[3])])
         return real_update(*args)
 
     controller.update = spy
+    return draft, target, controller, updates
+
+
+def run_single_loop(ref, monkeypatch, pair, cost, temperature=0.0, faults=None, max_tokens=48,
+                    memory_limit_mb=None, kwargs=None):
+    draft, target, controller, updates = clocked_run(ref, monkeypatch, pair, cost, faults, kwargs)
     stats = SpecStats()
     decoder = ref.draft.SpeculativeDecoder(draft, target, lookahead=2)
     key = mx.random.key(3) if temperature > 0 else None
@@ -187,30 +193,13 @@ def run_single_loop(ref, monkeypatch, pair, cost, temperature=0.0, faults=None, 
             decoder, controller, mx.array([1, 2, 3, 4, 5, 6, 7, 8]), max_tokens, temperature=temperature,
             key=key, stats=stats, memory_limit_mb=memory_limit_mb)]
     return {"ks": list(stats.lookahead_per_round), "tokens": tokens, "faults": list(controller.faults),
-            "updates": [[u[0], u[1], _r(u[2]), _r(u[3])] for u in updates],
-            "prefill": [controller.prefill[0], _r(controller.prefill[1])],
+            "updates": updates, "prefill": [controller.prefill[0], _r(controller.prefill[1])],
             "draft_step": _r(controller.draft_step_s)}
 
 
 def run_batch_loop(ref, monkeypatch, pair, cost, temperature=0.0, faults=None, max_tokens=32,
                    prompts=None, memory_limit_mb=None, kwargs=None):
-    clock = Clock()
-    fake_time(monkeypatch, clock)
-    draft, target = pair
-    tc, tt, dc, dt = LOOP_COSTS[cost]
-    faults = faults or {}
-    draft = Clocked(draft, clock, dc, dt, **faults.get("draft", {}))
-    target = Clocked(target, clock, tc, tt, **faults.get("target", {}))
-    controller = ref.fallback.FallbackController(**(kwargs or {}))
-    updates = []
-    real_update = controller.update
-
-    def spy(*args):
-        updates.append([args[0], list(args[1]) if isinstance(args[1], (list, tuple)) else args[1],
-                        args[2], args[3]])
-        return real_update(*args)
-
-    controller.update = spy
+    draft, target, controller, updates = clocked_run(ref, monkeypatch, pair, cost, faults, kwargs)
     stats = SpecStats()
     prompts = prompts or [[5], [1, 5, 7], [3, 9, 2, 7, 11, 4, 0, 6, 8], [2, 2]]
     key = mx.random.key(4) if temperature > 0 else None
@@ -220,7 +209,7 @@ def run_batch_loop(ref, monkeypatch, pair, cost, temperature=0.0, faults=None, m
             [list(p) for p in prompts], draft, target, controller, max_tokens, temperature=temperature,
             key=key, stats=stats, memory_limit_mb=memory_limit_mb)
     return {"ks": list(stats.lookahead_per_round), "tokens": out, "faults": list(controller.faults),
-            "updates": [[u[0], u[1], _r(u[2]), _r(u[3])] for u in updates]}
+            "updates": updates}
 
 
 def _r(x):
