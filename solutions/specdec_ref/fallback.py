@@ -31,7 +31,7 @@ from specdec.kit.fallback_policy import (  # noqa: F401  (DRAFT_WINDOW, MIN_ROUN
     DRAFT_WINDOW, MIN_ROUNDS, ControllerBase, batch_fault, cache_length, cannot_roll_back,
     commit_failed, compact_padding, count_round, draft_fault, draft_lost, drafts_failed,
     finish_in_halves, first_draft_step, is_out_of_memory, over_memory_limit, shortest_row_progress,
-    target_fault, window_rows)
+    target_fault, until_eos, window_rows)
 from specdec.kit.models import model_vocab_size
 from specdec.kit.stats import SpecStats
 
@@ -395,12 +395,8 @@ def fallback_generate(
             commit_round(decoder, draft_tokens.tolist(), num_accepted, tokens[-1])
         except ValueError as error:
             commit_failed(decoder, controller, error, len(committed) + num_accepted)
-        out = []
-        for i, token in enumerate(tokens):
-            out.append((token, i < num_accepted))
-            if token in eos:
-                break
-        committed += [t for t, _ in out]
+        out = until_eos(tokens, eos)
+        committed += out
         emitted += len(out)
         caught_up = len(draft_unseen) > 2  # the draft also prefilled: its time is not K steps
         controller.update(K, num_accepted, None if caught_up else drafted - start, verified - drafted)
@@ -408,8 +404,8 @@ def fallback_generate(
             controller.memory_pressure()
         count_round(stats, K, num_accepted, len(out), drafted - start, verified - drafted)
         prefilled = True
-        yield from out
-        if out[-1][0] in eos:
+        yield from ((token, i < num_accepted) for i, token in enumerate(out))
+        if out[-1] in eos:
             return
         mark = time.perf_counter()
 
@@ -548,11 +544,7 @@ def batched_fallback_decode(
                 key_verify = next_row_key(b) if sampling else None
                 n, new_tokens = verify_speculation(
                     draft_tokens[b], target_logits[b], q_draft[b], temperature, key_verify)
-            out = []
-            for token in new_tokens[: max_tokens - len(outputs[r])]:
-                out.append(token)
-                if token in eos:
-                    break
+            out = until_eos(new_tokens, eos, max_tokens - len(outputs[r]))
             outputs[r] += out
             done.append(out[-1] in eos)
             accepted.append(n)

@@ -31,7 +31,7 @@ from specdec.kit.fallback_policy import (  # noqa: F401  (DRAFT_WINDOW, MIN_ROUN
     DRAFT_WINDOW, MIN_ROUNDS, ControllerBase, batch_fault, cache_length, cannot_roll_back,
     commit_failed, compact_padding, count_round, draft_fault, draft_lost, drafts_failed,
     finish_in_halves, first_draft_step, is_out_of_memory, over_memory_limit, shortest_row_progress,
-    target_fault, window_rows)
+    target_fault, until_eos, window_rows)
 from specdec.kit.models import model_vocab_size
 from specdec.kit.stats import SpecStats
 

@@ -15,7 +15,7 @@ the chapter (book/src/week4-03-fallback.md, "Each rule of the controller is ther
   - `refinements`: the rules `decide` applies before its own (a cost verdict that holds off
     probes; the generous alpha before MIN_ROUNDS counts).
 The loops' helpers: `is_out_of_memory`, `cache_length`, `restore_cache`, `over_memory_limit`,
-`first_draft_step`, `count_round` (stats), `cannot_roll_back`, `draft_fault`, `drafts_failed`,
+`first_draft_step`, `until_eos`, `count_round` (stats), `cannot_roll_back`, `draft_fault`, `drafts_failed`,
 `target_fault`, `commit_failed`, `draft_lost` (single stream and batch), `window_rows`
 (DRAFT_WINDOW), `shortest_row_progress` (the shortest-row rule), `compact_padding`,
 `batch_fault` and `finish_in_halves` (a batch under memory pressure).
@@ -344,6 +344,17 @@ def target_fault(decoder, controller, error: Exception, draft_len: int, target_l
     if not (restore_cache(decoder.target_cache, target_len) and restore_cache(decoder.draft_cache, draft_len)):
         decoder.reset()
     controller.memory_pressure()
+
+
+def until_eos(tokens: list[int], eos: set, limit: Optional[int] = None) -> list[int]:
+    """tokens[:limit], cut right after the first token in `eos` (a round's output: nothing after
+    the end of the text is emitted)."""
+    out = []
+    for token in tokens[:limit]:
+        out.append(token)
+        if token in eos:
+            break
+    return out
 
 
 def count_round(stats, k: int, accepted, emitted, draft_s: float, verify_s: float) -> None:
