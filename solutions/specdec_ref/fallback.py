@@ -12,23 +12,28 @@ Costs are in plain steps: s = seconds per plain token (timed plain rounds), c = 
 drafted token / s, v(K) = verify seconds / s fitted as a + b K through v(0) = 1. Before any round
 has measured them, two priors stand in: the target's prompt call is a verify call over L tokens
 (v(L - 1)), and one draft call timed on its own gives c before the draft pays for the prompt.
-The loops (`fallback_generate`, `batched_fallback_decode`) survive faults: a draft that raises
-(continue on the target alone), memory pressure (lower K, then the batch, and retry the round),
-a cache that cannot roll back (finish with plain decoding). Nothing emitted is lost or repeated.
+
+Provided (read it: specdec/kit/fallback_policy.py): the controller's base class `ControllerBase`
+(its state, the priors, measured-beats-fitted `verify_cost`, `could_win`, the probe budget
+`probe_wait`, the generous alpha before MIN_ROUNDS, `memory_pressure`, `disable_draft`) and the
+loops' fault handling (a draft that raises: continue on the target alone; memory pressure: lower
+K, then the batch, and retry the round; the batched draft's DRAFT_WINDOW; the shortest-row rule).
+You write the estimates, `update` and `decide`, and the two loops with K = 0 rounds. Nothing
+emitted is lost or repeated.
 """
 
-import math
 import time
-import warnings
-from collections import deque
 from typing import Iterator, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
-
+from specdec.kit.errors import FallbackWarning  # noqa: F401  (re-exported: the loops' warnings)
+from specdec.kit.fallback_policy import (  # noqa: F401  (DRAFT_WINDOW, MIN_ROUNDS: re-exported)
+    DRAFT_WINDOW, MIN_ROUNDS, ControllerBase, batch_fault, cache_length, cannot_roll_back,
+    commit_failed, compact_padding, count_round, draft_fault, draft_lost, drafts_failed,
+    finish_in_halves, first_draft_step, is_out_of_memory, over_memory_limit, shortest_row_progress,
+    target_fault, until_eos, window_rows)
 from specdec.kit.models import model_vocab_size
 from specdec.kit.stats import SpecStats
-from specdec.kit.errors import FallbackWarning
 
 from .batched import SHARED_PADDING_LIMIT, draft_batch, filter_rows, left_pad, make_batch_cache, rollback_rows
 from .sampling import make_probs, sample_token
@@ -36,106 +41,19 @@ from .speculative import commit_round
 from .theory import expected_tokens_per_round
 from .verify import verify_speculation
 
-MIN_ROUNDS = 4  # counts of evidence before alpha alone may end speculation (a round reporting
-# one count per row, as a serving engine's does, brings B)
-DRAFT_WINDOW = 64  # the batched draft catches up on at most this many newest tokens per row
 
-
-class FallbackController:
+class FallbackController(ControllerBase):
     """Chooses K in {0, ..., max_lookahead} each round; K = 0 is a plain round.
 
-    Attributes (set by `__init__`; the estimates and decisions read them):
-        max_lookahead, window, margin, probe_every, initial_lookahead, calibration_rounds,
-        max_backoff, probe_budget   the constructor arguments
-        rounds        deque(maxlen=window) of (K, accepted) per speculative round, accepted a
-                      tuple of per-row counts (one entry for a single stream): alpha's evidence
-        draft_times   deque(maxlen=window) of (K, seconds): timed drafting of K tokens
-        verify_times  deque(maxlen=window) of (K, seconds): timed verify calls over K drafts
-        plain_times   deque(maxlen=window) of seconds: timed plain rounds
-        prefill       (num_tokens, seconds) of the target's prompt call, or None
-        draft_step_s  seconds of one draft call timed on its own, or None
-        speculating   True while in speculative mode (False: plain mode)
-        cap           the largest K allowed now (memory pressure lowers it)
-        draft_ok      False once the draft failed: plain for good
-        until_probe   plain rounds left before the next probe; probe_interval its current period
-        probing       True while the current K > 0 round is a probe from plain mode
-        faults        list of strings, one per fault survived (also issued as FallbackWarning)
-        _lookahead    the next K (read it through `lookahead`)
+    The provided base class (`ControllerBase`, specdec/kit/fallback_policy.py) holds the
+    constructor, FallbackController(max_lookahead=8, window=16, margin=0.05, probe_every=32,
+    initial_lookahead=4, calibration_rounds=2, max_backoff=8, probe_budget=0.02), and the
+    attributes it sets (read its docstring: rounds, draft_times, verify_times, plain_times,
+    prefill, draft_step_s, speculating, probing, cap, draft_ok, until_probe, probe_interval,
+    faults), the loop-facing members (lookahead, needs_draft_step, observe_prefill,
+    observe_draft_step, report, disable_draft, memory_pressure), verify_cost, could_win,
+    probe_wait and refinements. This class adds the estimates (Task 1) and the decisions (Task 2).
     """
-
-    def __init__(
-        self,
-        max_lookahead: int = 8,
-        window: int = 16,
-        margin: float = 0.05,
-        probe_every: int = 32,
-        initial_lookahead: int = 4,
-        calibration_rounds: int = 2,
-        max_backoff: int = 8,
-        probe_budget: float = 0.02,
-    ):
-        """Check the arguments; start in speculative mode with K = 0 until calibrated.
-
-        Raises ValueError, naming the value and the fix, when: max_lookahead < 1; window < 1;
-        not 0 <= margin < 1; probe_every < 1; initial_lookahead < 1; calibration_rounds < 1;
-        max_backoff < 1; not 0 < probe_budget <= 1. initial_lookahead is clamped to max_lookahead.
-        K is 0 until `calibration_rounds` plain rounds are timed (the unit s of every cost).
-        """
-        problems = []
-        if max_lookahead < 1:
-            problems.append(f"max_lookahead must be >= 1, got {max_lookahead}")
-        if window < 1:
-            problems.append(f"window must be >= 1 round, got {window}")
-        if not 0.0 <= margin < 1.0:
-            problems.append(f"margin must be in [0, 1), got {margin} (0.05 is a good start)")
-        if probe_every < 1:
-            problems.append(f"probe_every must be >= 1 token, got {probe_every}")
-        if initial_lookahead < 1:
-            problems.append(f"initial_lookahead must be >= 1, got {initial_lookahead}")
-        if calibration_rounds < 1:
-            problems.append(f"calibration_rounds must be >= 1, got {calibration_rounds}")
-        if max_backoff < 1:
-            problems.append(f"max_backoff must be >= 1 (1 = no backoff), got {max_backoff}")
-        if not 0.0 < probe_budget <= 1.0:
-            problems.append(f"probe_budget must be in (0, 1], got {probe_budget} (0.02: a failed "
-                            "probe may cost 2% of the plain time before it)")
-        if problems:
-            raise ValueError("; ".join(problems))
-        self.max_lookahead, self.window, self.margin = max_lookahead, window, margin
-        self.probe_every, self.max_backoff, self.probe_budget = probe_every, max_backoff, probe_budget
-        self.initial_lookahead = min(initial_lookahead, max_lookahead)
-        self.calibration_rounds = calibration_rounds
-        self.rounds = deque(maxlen=window)
-        self.draft_times = deque(maxlen=window)
-        self.verify_times = deque(maxlen=window)
-        self.plain_times = deque(maxlen=window)
-        self.prefill: Optional[tuple[int, float]] = None
-        self.draft_step_s: Optional[float] = None
-        self.speculating, self.probing, self.draft_ok = True, False, True
-        self.cap = max_lookahead
-        self.probe_interval = self.until_probe = probe_every
-        self.faults: list[str] = []
-        self._lookahead = 0
-
-    @property
-    def lookahead(self) -> int:
-        """The K for the next round, 0 <= K <= cap; 0 means plain decoding (provided)."""
-        return self._lookahead
-
-    @property
-    def needs_draft_step(self) -> bool:
-        """True when c is unknown: time one draft call (`observe_draft_step`) before drafting (provided)."""
-        return self.draft_step_s is None and not self.draft_times
-
-    def observe_prefill(self, num_tokens: int, seconds: float) -> None:
-        """The target's prompt call over num_tokens tokens took `seconds` (a prior for v) (provided)."""
-        self.prefill = (num_tokens, seconds)
-
-    def observe_draft_step(self, seconds: float) -> int:
-        """One draft call timed on its own (a prior for c); decide again and return K (provided)."""
-        self.draft_step_s = seconds
-        self._lookahead = self.decide()
-        return self._lookahead
 
     # Task 1: estimates --------------------------------------------------------------------------
     def alpha(self) -> Optional[float]:
@@ -204,21 +122,10 @@ class FallbackController:
         b = max(b, 0.0)
         return mean_y - b * mean_x, b
 
-    def verify_cost(self, k: int) -> Optional[float]:
-        """v(K) in plain steps: 1.0 for K = 0; the mean of seconds / s over the `verify_times`
-        entries with this K when there are any (measured beats fitted: the cost curve is rarely
-        a straight line); else, when some larger K' was measured, the smallest such K''s
-        measured mean (a shorter verify costs at most that much, and a speculative round's fixed
-        costs — per-row verification, rollback — make the line through (0, 1) too optimistic
-        below what was measured); else max(1, a + b K) from `verify_line`; None if that is
-        unknown. Never below 1."""
-        if k == 0:
-            return 1.0
-        return _verify_cost(k, _measured_verify(self), self.verify_line())
-
     def goodput(self, k: int, alpha: Optional[float] = None) -> Optional[float]:
         """G(K) = E(alpha, K) / (K c + v(K)) in tokens per plain step; G(0) = 1.
 
+        E from Week 2 Day 5's `expected_tokens_per_round`; v(K) is `verify_cost(k)` (provided).
         alpha defaults to `alpha()`. None when alpha, c or v(K) is unknown (for K > 0).
         """
         if k == 0:
@@ -232,17 +139,15 @@ class FallbackController:
     def best_lookahead(self, alpha: Optional[float] = None) -> Optional[tuple[int, float]]:
         """(K, G(K)) maximising `goodput` over K in [1, cap]; ties go to the smaller K.
 
-        None when cap == 0 or goodput is unknown. (It runs every round: estimate alpha, c and
-        the line once, not once per K; v(K) as `verify_cost` says.)
+        alpha as in `goodput` (read `alpha()` once, not once per K). None when cap == 0 or
+        goodput is unknown.
         """
         alpha = self.alpha() if alpha is None else alpha
-        c, line = self.draft_cost(), self.verify_line()
-        if alpha is None or c is None or line is None or self.cap == 0:
-            return None
-        measured = _measured_verify(self)
         best = None
         for k in range(1, self.cap + 1):
-            g = expected_tokens_per_round(alpha, k) / (k * c + _verify_cost(k, measured, line))
+            g = self.goodput(k, alpha)
+            if g is None:
+                return None
             if best is None or g > best[1]:
                 best = (k, g)
         return best
@@ -257,18 +162,24 @@ class FallbackController:
     ) -> int:
         """Record one round, then `decide`; returns the new K (also `self.lookahead`).
 
-        num_drafted: the K drafted (0 for a plain round). num_accepted: an int, or a list with
-        one count per row for a batched round; each in [0, num_drafted] (ValueError otherwise).
+        num_drafted: the K drafted (0 for a plain round). num_accepted: an int, or a non-empty
+        list with one count per row for a batched round; each in [0, num_drafted].
+        Raises ValueError, saying which rule broke, when num_drafted < 0, when the list is
+        empty (a round reports at least one count), or when a count is outside [0, num_drafted].
         A plain round appends verify_time_s (its seconds, if not None) to `plain_times` and
-        counts down `until_probe`. A speculative round appends (K, counts) to `rounds` and the
-        times that are not None to `draft_times` / `verify_times`.
+        counts down `until_probe`. A speculative round appends (K, tuple of counts) to `rounds`
+        and the times that are not None to `draft_times` / `verify_times`.
         """
         counts = tuple(num_accepted) if isinstance(num_accepted, (list, tuple)) else (num_accepted,)
-        if num_drafted < 0 or not counts or not all(0 <= n <= num_drafted for n in counts):
-            raise ValueError(
-                f"a round drafted {num_drafted} and accepted {list(counts)}: need num_drafted >= 0 "
-                "and every count in [0, num_drafted] (a plain round is update(0, 0, ...))"
-            )
+        if num_drafted < 0:
+            raise ValueError(f"update({num_drafted}, ...): num_drafted is the K drafted, never "
+                             "negative (a plain round is update(0, 0, ...))")
+        if not counts:
+            raise ValueError(f"update({num_drafted}, []): no accepted count was reported; pass one "
+                             "count per row (an int for a single stream)")
+        if not all(0 <= n <= num_drafted for n in counts):
+            raise ValueError(f"update({num_drafted}, {list(counts)}): every count must be in "
+                             f"[0, num_drafted] = [0, {num_drafted}]: a row accepts at most the K drafted")
         if num_drafted == 0:
             if verify_time_s is not None:
                 self.plain_times.append(verify_time_s)
@@ -282,92 +193,38 @@ class FallbackController:
         self._lookahead = self.decide()
         return self._lookahead
 
-    def could_win(self) -> bool:
-        """Could any K beat plain by the margin with a perfect draft (alpha = 1)?
-
-        True while c or v is unknown. Costs belong to the machine and the models, not to the
-        text: when even alpha = 1 cannot give G* = G(K*) > 1 + margin, probing is pointless.
-        Before the first speculative round (`verify_times` empty) the draft has not seen the
-        prompt yet: its first round also prefills it, about c * (prefill seconds) / s plain steps
-        (the draft costs c target steps per step, so about c target prefills per prefill). Then
-        it is also False when the best conceivable saving over the next `probe_every` tokens,
-        probe_every * (1 - 1 / G*), does not pay for that catch-up.
-        """
-        best = self.best_lookahead(alpha=1.0)
-        if best is None:
-            return True
-        if best[1] <= 1.0 + self.margin:
-            return False
-        if self.verify_times or self.prefill is None:
-            return True
-        catch_up = self.draft_cost() * self.prefill[1] / self.step_time()  # in plain steps
-        return self.probe_every * (1.0 - 1.0 / best[1]) > catch_up
-
-    def probe_wait(self) -> int:
-        """Plain rounds to wait before a probe, so that one that fails costs at most
-        `probe_budget` of the plain time before it; 0 while c, v(K) or s is unknown.
-
-        The probe runs at K = min(initial_lookahead, cap) after m plain rounds. If it fails, it
-        wasted the draft's catch-up on those m tokens, about c p m plain steps (p = prefill
-        seconds / (prefill tokens * s), the target's cost per prompt token in plain steps; p = 0
-        without a prefill), and the round beyond the one token a plain step makes,
-        K c + v(K) - 1. The wait is the smallest m with c p m + K c + v(K) - 1 <= probe_budget * m:
-        ceil((K c + v(K) - 1) / (probe_budget - c p)), at most the longest backoff
-        probe_every * max_backoff — which is also the wait when probe_budget <= c p (the
-        catch-up alone is over budget).
-        """
-        k = min(self.initial_lookahead, self.cap)
-        c, s = self.draft_cost(), self.step_time()
-        v = self.verify_cost(k) if k > 0 else None
-        if c is None or v is None or not s:
-            return 0
-        longest = self.probe_every * self.max_backoff
-        p = self.prefill[1] / (self.prefill[0] * s) if self.prefill else 0.0
-        room = self.probe_budget - c * p  # what each plain round may spend on the probe's round
-        if room <= 0:
-            return longest
-        return min(longest, math.ceil((k * c + v - 1.0) / room))
-
     def decide(self) -> int:
-        """The next K, and the mode change behind it.
+        """The next K, and the mode change behind it, by the first rule that applies:
 
-          - no draft (`draft_ok` False) or cap == 0: 0.
-          - fewer than `calibration_rounds` timed plain rounds: 0 (measure the unit first).
-          - c or v unknown: the tentative K = min(initial_lookahead, cap) (the loop then times a
-            draft step) — unless `could_win()` is False: plain mode, 0.
-          - `could_win()` False: plain mode, 0, and no probe before the longest backoff:
-            probe_interval = until_probe = probe_every * max_backoff, set again every round the
-            verdict stands (costs drift slowly with the context and the load; a verdict near the
-            margin that flips back on that drift would only buy probes that lose); clear `rounds`.
-          - no alpha yet (`rounds` empty): speculating -> min(initial_lookahead, cap);
-            plain -> a probe at that K once until_probe <= 0 (probing = True), else 0.
-          - speculating with fewer than MIN_ROUNDS counts (a round counts once per count it
-            reported): keep min(initial_lookahead, cap) (one early round must not set K), unless
-            even a generous alpha loses: with `accepted` and `trials` summed over `rounds` as
-            `alpha` counts them, best_lookahead(alpha=(accepted + 1) / (trials + 1)) (one more
-            accepted trial than observed) gives G < 1 — then leave for plain mode as below.
-          - speculating: (K*, G*) = best_lookahead(); leave for plain mode (return 0, set
-            until_probe = max(probe_interval, probe_wait())) when G* < 1; else K*.
-          - just probed (`probing`): G* > 1 + margin -> speculate at K*, probe_interval back to
-            probe_every; else plain, probe_interval doubled (at most probe_every * max_backoff),
-            until_probe = max(probe_interval, probe_wait()).
-          - plain: G* > 1 + margin -> speculate at K*; until_probe <= 0 -> probe at K*
-            (probing = True); else 0.
-        Whenever it returns 0 after a drop or a failed probe, clear `rounds`: alpha evidence from
-        text that stopped paying says nothing about the text the next probe will see.
+          1. no draft (`draft_ok` False) or cap == 0: 0.
+          2. fewer than `calibration_rounds` timed plain rounds: 0 (measure the unit s first).
+          3. `refinements()` (provided) returns a K: that K.
+          4. no (K*, G*) = best_lookahead() yet (no alpha, or c unknown): speculating -> the
+             tentative K = min(initial_lookahead, cap) (the loop times a draft step first when
+             c is unknown); plain -> a probe at that K once until_probe <= 0 (probing = True),
+             else 0.
+          5. speculating: G* < 1 -> leave for plain mode: 0; else K*. (The margin only delays
+             the return, never the exit.)
+          6. just probed (`probing`; set probing = False): G* > 1 + margin -> speculating again
+             at K*, probe_interval back to probe_every; else a failed probe: 0, probe_interval
+             doubled (at most probe_every * max_backoff).
+          7. plain: G* > 1 + margin -> speculating at K*; until_probe <= 0 -> a probe at K*
+             (probing = True); else 0.
+        Leaving for plain (rule 5) and a failed probe (rule 6) both set until_probe =
+        max(probe_interval, probe_wait()) (`probe_wait`, provided, is the probe budget) and
+        clear `rounds`: alpha evidence from text that stopped paying says nothing about the
+        text the next probe will see.
         """
         if not self.draft_ok or self.cap == 0:
             return 0
         if len(self.plain_times) < self.calibration_rounds:
             return 0
-        if not self.could_win():
-            self.speculating = self.probing = False
-            self.probe_interval = self.until_probe = self.probe_every * self.max_backoff
-            self.rounds.clear()
-            return 0
+        refined = self.refinements()
+        if refined is not None:
+            return refined
         start = min(self.initial_lookahead, self.cap)
         best = self.best_lookahead()
-        if best is None:  # no alpha yet (or c unknown: the loop times a draft step first)
+        if best is None:
             if self.speculating:
                 return start
             if self.until_probe <= 0:
@@ -375,16 +232,6 @@ class FallbackController:
                 return start
             return 0
         k_best, g_best = best
-        if self.speculating and sum(len(counts) for _, counts in self.rounds) < MIN_ROUNDS:
-            # Too little evidence to act on alpha, unless even a generous reading of it loses.
-            # (A batch of tied rows moves by its worst row: its first rounds often count 0, and
-            # where a round costs more than two plain steps each of them is a loss.) alpha <=
-            # the generous alpha, and G grows with alpha: if that G* < 1, so is g_best, and the
-            # controller leaves below.
-            accepted = sum(sum(counts) for _, counts in self.rounds)
-            trials = accepted + sum(n < k for k, counts in self.rounds for n in counts)
-            if self.best_lookahead(alpha=(accepted + 1) / (trials + 1))[1] >= 1.0:
-                return start
         if self.speculating:
             if g_best < 1.0:  # plain is faster: never keep a slow-down
                 self.speculating = False
@@ -409,120 +256,8 @@ class FallbackController:
             return k_best
         return 0
 
-    # Task 5: faults --------------------------------------------------------------------------------
-    def report(self, message: str) -> None:
-        """Record a survived fault in `faults` and issue it as a FallbackWarning (provided)."""
-        self.faults.append(message)
-        warnings.warn(message, FallbackWarning, stacklevel=3)
 
-    def disable_draft(self, reason: str) -> None:
-        """The draft can no longer be used: `report(reason)`, plain decoding from now on (K = 0)."""
-        self.report(reason)
-        self.draft_ok = False
-        self.speculating = self.probing = False
-        self._lookahead = 0
-
-    def memory_pressure(self) -> bool:
-        """Lower the cap after an allocation failure or a memory limit; True if K could go down.
-
-        cap = min(cap, max(lookahead, 1)) // 2 (so K = 4 retries at 2, then 1, then 0) and the
-        next K is at most the new cap; `report` it. Returns False, changing nothing and
-        reporting nothing, when cap is already 0 (only a smaller batch can help now).
-        """
-        if self.cap == 0:
-            return False
-        self.cap = min(self.cap, max(self._lookahead, 1)) // 2
-        self._lookahead = min(self._lookahead, self.cap)
-        self.report(f"memory pressure: lookahead lowered to at most {self.cap}")
-        return True
-
-
-# The loops -----------------------------------------------------------------------------------------
-def _measured_verify(controller) -> dict[int, float]:
-    """{K: mean seconds / s} over the controller's `verify_times` (empty while s is unknown).
-
-    Module-level (not a method) so that the reference's methods also work on a student's class."""
-    s, sums = controller.step_time(), {}
-    if not s:
-        return {}
-    for k, t in controller.verify_times:
-        sums.setdefault(k, []).append(t / s)
-    return {k: sum(v) / len(v) for k, v in sums.items()}
-
-
-def _verify_cost(k: int, measured: dict[int, float], line) -> Optional[float]:
-    """v(K) as `FallbackController.verify_cost` says, from measured means and the fitted line."""
-    if k in measured:
-        return max(1.0, measured[k])
-    larger = [kr for kr in measured if kr > k]
-    if larger:  # the nearest larger K measured: an upper bound, never an optimistic guess
-        return max(1.0, measured[min(larger)])
-    return None if line is None else max(1.0, line[0] + line[1] * k)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Is this an allocation failure? MemoryError, or a RuntimeError from MLX's allocator (provided).
-
-    MLX reports them as RuntimeError("[metal::malloc] Unable to allocate ...") and friends.
-    """
-    if isinstance(error, MemoryError):
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and any(
-        word in text for word in ("malloc", "out of memory", "bad_alloc", "unable to allocate")
-    )
-
-
-def _offset(cache: list) -> int:
-    return int(cache[0].offset) if cache else 0
-
-
-def _restore(cache: list, length: int) -> bool:
-    """Trim a cache back to `length` tokens; False if it cannot be trimmed."""
-    extra = _offset(cache) - length
-    return extra == 0 or trim_prompt_cache(cache, extra) == extra
-
-
-def _over_limit(memory_limit_mb: Optional[float]) -> bool:
-    return memory_limit_mb is not None and mx.get_active_memory() / 2**20 > memory_limit_mb
-
-
-def _draft_fault(decoder, controller, error: Exception, draft_len: int) -> None:
-    """The draft failed mid-round: an allocation failure puts its cache back and lowers K;
-    anything else ends drafting for the request (reported through the controller)."""
-    if is_out_of_memory(error):
-        if not _restore(decoder.draft_cache, draft_len):
-            decoder.draft_cache = make_prompt_cache(decoder.draft_model)
-        controller.memory_pressure()
-        return
-    _draft_lost(controller, error)
-
-
-def _draft_lost(controller, error: Exception) -> None:
-    """The draft raised something other than an allocation failure: plain from now on."""
-    controller.disable_draft(f"the draft model raised {type(error).__name__}: {error}; "
-                             "continuing on the target model alone")
-
-
-def _target_fault(decoder, controller, error: Exception, draft_len: int, target_len: int) -> None:
-    """The target's call failed: an allocation failure puts both caches back (or rebuilds them
-    from the committed tokens) and lowers K for the retry; anything else propagates."""
-    if not is_out_of_memory(error):
-        raise error
-    if not (_restore(decoder.target_cache, target_len) and _restore(decoder.draft_cache, draft_len)):
-        decoder.reset()
-    controller.memory_pressure()
-
-
-def _time_draft_step(draft_model, token_rows: mx.array) -> float:
-    """One draft call on int [B, 1] with a throwaway cache: c's prior, before any prompt prefill."""
-    cache = make_prompt_cache(draft_model) if token_rows.shape[0] == 1 else make_batch_cache(
-        draft_model, [0] * token_rows.shape[0])
-    start = time.perf_counter()
-    mx.eval(draft_model(token_rows, cache=cache))
-    return time.perf_counter() - start
-
-
+# Task 3: the single-stream loop --------------------------------------------------------------------
 def fallback_generate(
     decoder,
     controller,
@@ -541,26 +276,31 @@ def fallback_generate(
     observe_prefill, observe_draft_step, memory_pressure, disable_draft, report.
     Yields (token, from_draft) as speculative_generate does; max_tokens, temperature, key,
     eos_token_ids, stats as there (ValueError for an empty prompt or temperature > 0 without key).
-    Each round: K = min(controller.lookahead, tokens still wanted - 1).
+    Each round: K = min(controller.lookahead, tokens still wanted - 1): a round never drafts
+    a token it could not emit.
       K = 0: one target call on the tokens its cache has not seen; one token (argmax, or sampled
         with a fresh split of the key). While the next round is plain too, queue its call with
-        mx.async_eval before yielding (as generate_tokens does). Its seconds (from the previous
-        round's end) go to controller.update(0, 0, None, seconds), or observe_prefill(L, seconds)
-        for the prompt's own call; stats.record_round(0, 0, 1).
-      K > 0: if controller.needs_draft_step, first time one draft call on a throwaway cache
-        (observe_draft_step; 0 seconds for a decoder without a draft_model, such as Week 3's
-        n-gram DrafterDecoder) and re-read K. Draft with `decoder.draft_generation` on every
-        committed token the draft cache has not seen (after plain rounds: all of them, in one
-        call), one target call, verify_speculation, commit_round; controller.update(K, n,
-        draft seconds (None if the draft caught up on more than 2 tokens), verify seconds).
+        mx.async_eval before yielding (as generate_tokens does): the next token's call is
+        already built when the consumer gets this one. Its seconds (from the previous round's
+        end) go to controller.update(0, 0, None, seconds), or observe_prefill(L, seconds) for
+        the prompt's own call; stats.record_round(0, 0, 1).
+      K > 0: if controller.needs_draft_step, first `first_draft_step` (provided: it times one
+        draft call; its draft_model is the decoder's, or None for a decoder without one, such
+        as Week 3's n-gram DrafterDecoder) and re-read K. Draft with `decoder.draft_generation`
+        on every committed token the draft cache has not seen (after plain rounds: all of
+        them, in one call), one target call, verify_speculation, commit_round;
+        controller.update(K, n, draft seconds, verify seconds), the draft seconds None when
+        the draft caught up on more than 2 tokens (they are not K draft steps).
     Faults (each reported through the controller, none lost or repeated in the output):
-      - the draft raises (not NotImplementedError) -> controller.disable_draft, plain from then on;
-      - an allocation failure (`is_out_of_memory`) in a K > 0 round -> both caches back to their
-        lengths before the round, controller.memory_pressure(), the round again; at K = 0 it
-        propagates. memory_limit_mb: after a round, active memory above it -> memory_pressure();
-      - a cache that cannot roll back (before a round, or commit_round's ValueError) ->
-        disable_draft; a target cache left holding rejected drafts is rebuilt from the committed
-        tokens by the next plain round.
+      - the draft raises (not NotImplementedError) -> `draft_fault` (provided): plain from then on;
+      - an allocation failure in the target's call (K > 0) -> `target_fault` (provided: both
+        caches back to their lengths before the round, memory_pressure()), and the round
+        again; at K = 0 it propagates. memory_limit_mb: after a round, `over_memory_limit`
+        -> controller.memory_pressure();
+      - a cache that cannot roll back (before a round: not `is_trimmable()`; or commit_round's
+        ValueError) -> controller.disable_draft(reason naming the rollback); a target cache
+        left holding rejected drafts is made again (make_prompt_cache) and so re-filled from
+        the committed tokens by the next plain round.
     """
     prompt_tokens = mx.array(prompt_tokens, dtype=mx.int32).reshape(-1)
     if prompt_tokens.size == 0:
@@ -586,23 +326,16 @@ def fallback_generate(
     mark = time.perf_counter()
     while emitted < max_tokens:
         K = min(controller.lookahead, max_tokens - emitted - 1)
-        if K > 0 and controller.needs_draft_step:  # a drafter without a model costs ~nothing
+        if K > 0 and controller.needs_draft_step:
             draft_model = getattr(decoder, "draft_model", None)
-            seconds = 0.0 if draft_model is None else _time_draft_step(
-                draft_model, mx.array([[committed[-1]]], dtype=mx.int32))
-            if stats is not None:
-                stats.draft_calls += 1
-                stats.draft_time_s += seconds
-            K = min(controller.observe_draft_step(seconds), max_tokens - emitted - 1)
+            K = min(first_draft_step(controller, draft_model, [[committed[-1]]], stats), max_tokens - emitted - 1)
             mark = time.perf_counter()
-        if K > 0 and not all(c.is_trimmable() for c in decoder.draft_cache + decoder.target_cache):
-            controller.disable_draft("a KV cache can no longer roll back (a sliding window that "
-                                     "wrapped?): finishing this request with plain decoding")
+        if K > 0 and cannot_roll_back(decoder, controller):
             K = 0
 
-        if K <= 0:  # a plain round
+        if K == 0:  # a plain round
             if pending is None:
-                pending = plain_step(committed[_offset(decoder.target_cache):])
+                pending = plain_step(committed[cache_length(decoder.target_cache):])
             token = pending.item()
             pending = None
             now = time.perf_counter()
@@ -611,9 +344,7 @@ def fallback_generate(
             else:
                 controller.observe_prefill(len(committed), now - mark)
                 prefilled = True
-            if stats is not None:
-                stats.record_round(0, 0, 1)
-                stats.verify_time_s += now - mark
+            count_round(stats, 0, 0, 1, 0.0, now - mark)
             mark = now
             committed.append(token)
             emitted += 1
@@ -625,8 +356,8 @@ def fallback_generate(
                 return
             continue
 
-        # A speculative round; on memory pressure the caches go back and the round runs again.
-        draft_len, target_len = _offset(decoder.draft_cache), _offset(decoder.target_cache)
+        # A speculative round; after a fault (handled by the provided helpers) the loop goes on.
+        draft_len, target_len = cache_length(decoder.draft_cache), cache_length(decoder.target_cache)
         key_draft = key_verify = None
         if temperature > 0:
             key, key_draft, key_verify = mx.random.split(key, 3)
@@ -636,70 +367,50 @@ def fallback_generate(
             draft_tokens, q_draft = decoder.draft_generation(
                 mx.array(draft_unseen, dtype=mx.int32), K, temperature, key_draft)
             K = draft_tokens.shape[0]
-        except NotImplementedError:
-            raise
         except Exception as error:  # the draft's fault: the target is untouched
-            _draft_fault(decoder, controller, error, draft_len)
+            draft_fault(decoder, controller, error, draft_len)
             continue
         # Build the target's graph while the drafts are still being computed (no host sync in
-        # between, as in speculative_generate), then wait for the drafts alone: their seconds
-        # for the controller, the graph-building time moved to the verify side.
+        # between), then wait for the drafts alone: their seconds for the controller, the
+        # graph-building time moved to the verify side.
         built = time.perf_counter()
         try:
             target_inputs = mx.concatenate(
                 [mx.array(committed[target_len:], dtype=mx.int32), draft_tokens])
             logits = decoder.target_model(target_inputs[None], cache=decoder.target_cache)
-        except Exception as error:
-            _target_fault(decoder, controller, error, draft_len, target_len)
-            continue
-        build_s = time.perf_counter() - built
-        try:
-            if temperature > 0:
-                mx.eval(draft_tokens, q_draft)
-            else:
-                mx.eval(draft_tokens)  # greedy verification never reads q
-        except Exception as error:  # computing the drafts failed: the target's call has not run
-            if not _restore(decoder.target_cache, target_len):
-                decoder.target_cache = make_prompt_cache(decoder.target_model)  # re-prefilled next round
-            _draft_fault(decoder, controller, error, draft_len)
-            continue
-        drafted = time.perf_counter() - build_s
-        try:
+            build_s = time.perf_counter() - built
+            try:
+                mx.eval(draft_tokens, q_draft) if temperature > 0 else mx.eval(draft_tokens)
+            except Exception as error:  # computing the drafts failed: the target's call has not run
+                drafts_failed(decoder, controller, error, draft_len, target_len)
+                continue
+            drafted = time.perf_counter() - build_s
             num_accepted, tokens = verify_speculation(
                 draft_tokens, logits[0, -(K + 1):], q_draft, temperature, key_verify)
         except Exception as error:
-            _target_fault(decoder, controller, error, draft_len, target_len)
+            target_fault(decoder, controller, error, draft_len, target_len)
             continue
         verified = time.perf_counter()
         try:
             commit_round(decoder, draft_tokens.tolist(), num_accepted, tokens[-1])
         except ValueError as error:
-            controller.disable_draft(f"{error}: finishing this request with plain decoding")
-            if _offset(decoder.target_cache) != len(committed) + num_accepted:
-                decoder.target_cache = make_prompt_cache(decoder.target_model)  # re-prefilled next round
-        out = []
-        for i, token in enumerate(tokens):
-            out.append((token, i < num_accepted))
-            if token in eos:
-                break
-        committed += [t for t, _ in out]
+            commit_failed(decoder, controller, error, len(committed) + num_accepted)
+        out = until_eos(tokens, eos)
+        committed += out
         emitted += len(out)
         caught_up = len(draft_unseen) > 2  # the draft also prefilled: its time is not K steps
         controller.update(K, num_accepted, None if caught_up else drafted - start, verified - drafted)
-        if _over_limit(memory_limit_mb):
+        if over_memory_limit(memory_limit_mb):
             controller.memory_pressure()
-        if stats is not None:
-            stats.record_round(K, num_accepted, len(out))
-            stats.draft_calls += K
-            stats.draft_time_s += drafted - start
-            stats.verify_time_s += verified - drafted
+        count_round(stats, K, num_accepted, len(out), drafted - start, verified - drafted)
         prefilled = True
-        yield from out
-        if out[-1][0] in eos:
+        yield from ((token, i < num_accepted) for i, token in enumerate(out))
+        if out[-1] in eos:
             return
         mark = time.perf_counter()
 
 
+# Task 4: the batched loop ---------------------------------------------------------------------------
 def batched_fallback_decode(
     batch_prompts: list[list[int]],
     draft_model,
@@ -716,27 +427,26 @@ def batched_fallback_decode(
 
     Arguments and result as batched_speculative_decode (lookahead replaced by controller; the
     same ValueErrors). Row i is exactly the target's greedy output at temperature 0 and
-    distributed as the target's at temperature > 0 (one key per row, split per round).
+    distributed as the target's at temperature > 0 (each row samples with its own keys, never
+    reused; any split order that gives every draw a fresh key is correct).
     Each round, with r = the most tokens a live row still needs: K = min(controller.lookahead,
     r - 1).
       K = 0: one target call on [B, unseen] (the left-padded prompts on the first round, else
         each row's newest token); every row gets one token. update(0, 0, None, seconds), or
         observe_prefill(L, seconds) for the prompts' call; stats.record_round(0, 0, 1) per row.
-      K > 0: (needs_draft_step: time one draft call on [B, 1] first.) The draft cache is made
-        at the first draft round from each live row's last DRAFT_WINDOW committed tokens
-        (`left_pad`): a small draft predicts from recent text, and B rows' whole prompts would
-        cost it several plain steps. After m plain rounds every row's draft lags by the same
-        m + 2 tokens, fed in one [B, m + 2] call — unless m + 2 > DRAFT_WINDOW: then the cache is
-        made again from the window. `draft_batch`, one target call, `verify_speculation` per
-        row, `rollback_rows` on both caches; update(K, [d - 1], draft seconds, verify seconds),
-        where d is how far the batch's shortest row moved: min over the live rows of their
-        lengths after the round (a row that stopped at EOS counts as max_tokens: it is done)
-        minus the fewest tokens any live row held before it, at most K + 1. The batch ends when
-        its last row does, so that is the progress a round buys: one count per round, whatever
-        the batch size.
-    Rows that finish leave both caches (`filter_rows`). Faults as in `fallback_generate`; an
-    allocation failure at K = 0 (memory_pressure() returns False) with B > 1 lowers the batch:
-    each half of the live rows is finished by its own call on (prompt + tokens so far).
+      K > 0: (needs_draft_step: `first_draft_step` on each row's newest token, [B, 1], first.)
+        The draft is fed `window_rows(...)` (provided: at the first draft round, or after a
+        plain stretch longer than DRAFT_WINDOW, each row's last DRAFT_WINDOW tokens, left-padded
+        into a new draft cache; else the m + 2 tokens every row's draft lags after m plain
+        rounds, in one [B, m + 2] call). `draft_batch`, one target call, `verify_speculation`
+        per row, `rollback_rows` on both caches; update(K, [d - 1], draft seconds (None when
+        the draft was fed more than 2 tokens a row), verify seconds), d from
+        `shortest_row_progress` (provided: how far the batch's shortest row moved).
+    Rows that finish leave both caches (`filter_rows`). Faults: the draft raises -> `draft_lost`
+    (provided), plain from then on; anything raised in a round -> `batch_fault` (provided: an
+    allocation failure gives back what the round wrote and lowers K, or says to halve the batch:
+    then `finish_in_halves`); memory_limit_mb exceeded after a round -> memory_pressure(), and
+    `finish_in_halves` when it returns False with B > 1.
     """
     tokens, left_padding = left_pad(batch_prompts)
     if temperature > 0 and key is None:
@@ -759,42 +469,22 @@ def batched_fallback_decode(
     def sequence(r: int) -> list[int]:
         return list(batch_prompts[r]) + outputs[r]
 
-    def finish_in_halves() -> None:
-        """Lower the batch size: each half of the live rows is finished by its own call."""
+    def halve() -> None:
         nonlocal key
-        controller.report(f"memory pressure at K = 0: finishing {len(rows)} rows in two halves")
-        for half in (rows[: len(rows) // 2], rows[len(rows) // 2 :]):
-            half_key = None
-            if sampling:
-                key, half_key = mx.random.split(key)
-            need = max(max_tokens - len(outputs[r]) for r in half)
-            more = batched_fallback_decode(
-                [sequence(r) for r in half], draft_model, target_model, controller, need,
-                temperature, half_key, eos_token_ids, stats, memory_limit_mb)
-            for r, extra in zip(half, more):
-                outputs[r] += extra[: max_tokens - len(outputs[r])]
+        key = finish_in_halves(batched_fallback_decode, rows, sequence, outputs, max_tokens, controller,
+                               key, temperature, draft_model=draft_model, target_model=target_model,
+                               eos_token_ids=eos_token_ids, stats=stats, memory_limit_mb=memory_limit_mb)
 
-    def plain_batch_tokens(last_logits: mx.array) -> list[int]:
-        """Every live row's next token from its last logits [B, V]: argmax, or a sample with
-        the row's own key (split per round)."""
-        if not sampling:
-            return mx.argmax(last_logits, axis=-1).tolist()
-        subkeys = []
-        for b in range(len(rows)):
-            row_keys[b], subkey = mx.random.split(row_keys[b])
-            subkeys.append(subkey)
-        probs = make_probs(last_logits, temperature)
-        return mx.stack([sample_token(probs[b], k) for b, k in enumerate(subkeys)]).tolist()
+    def next_row_key(b: int) -> mx.array:
+        row_keys[b], subkey = mx.random.split(row_keys[b])
+        return subkey
 
     mark = time.perf_counter()
     while rows:
-        K = min(controller.lookahead, max(max_tokens - len(outputs[r]) for r in rows) - 1)
+        wanted = max(max_tokens - len(outputs[r]) for r in rows)
+        K = min(controller.lookahead, wanted - 1)
         if K > 0 and controller.needs_draft_step:
-            seconds = _time_draft_step(draft_model, mx.array([[sequence(r)[-1]] for r in rows], dtype=mx.int32))
-            if stats is not None:
-                stats.draft_calls += 1
-                stats.draft_time_s += seconds
-            K = min(controller.observe_draft_step(seconds), max(max_tokens - len(outputs[r]) for r in rows) - 1)
+            K = min(first_draft_step(controller, draft_model, [[sequence(r)[-1]] for r in rows], stats), wanted - 1)
             mark = time.perf_counter()
         key_draft = None
         if sampling and K > 0:
@@ -803,22 +493,20 @@ def batched_fallback_decode(
         columns = target_cache[0].size()  # to give back what a failed round wrote
         try:
             if K > 0:
-                if draft_cache is None or draft_lag > DRAFT_WINDOW:  # first round, or a long
-                    # plain stretch: the draft starts (again) from each row's newest tokens
-                    draft_inputs, draft_padding = left_pad([sequence(r)[-DRAFT_WINDOW:] for r in rows])
+                fed, fresh = window_rows([sequence(r) for r in rows], draft_lag, draft_cache is not None)
+                if fresh:
+                    draft_inputs, draft_padding = left_pad(fed)
                     draft_cache = make_batch_cache(draft_model, draft_padding)
                 else:
-                    draft_inputs = mx.array([sequence(r)[-draft_lag:] for r in rows], dtype=mx.int32)
+                    draft_inputs = mx.array(fed, dtype=mx.int32)
                 try:
                     draft_tokens, q_draft = draft_batch(
                         draft_model, draft_cache, draft_inputs, K, temperature, key_draft)
                     mx.eval(draft_tokens, q_draft)
-                except NotImplementedError:
-                    raise
                 except Exception as error:
-                    if is_out_of_memory(error):
+                    if is_out_of_memory(error) or isinstance(error, NotImplementedError):
                         raise
-                    _draft_lost(controller, error)
+                    draft_lost(controller, error)
                     draft_cache = None
                     continue
                 drafted = time.perf_counter()
@@ -827,50 +515,44 @@ def batched_fallback_decode(
                 inputs = target_inputs
             target_logits = target_model(inputs, cache=target_cache)[:, -(K + 1):]
             if K == 0:  # every row's next token, with one host sync for the batch
-                plain_tokens = plain_batch_tokens(target_logits[:, -1])
+                last = target_logits[:, -1]
+                if sampling:
+                    probs = make_probs(last, temperature)
+                    subkeys = [next_row_key(b) for b in range(len(rows))]
+                    plain_tokens = mx.stack([sample_token(probs[b], k) for b, k in enumerate(subkeys)]).tolist()
+                else:
+                    plain_tokens = mx.argmax(last, axis=-1).tolist()
             else:
                 mx.eval(target_logits)
         except Exception as error:
-            if not is_out_of_memory(error):
-                raise
-            # Nothing was committed: give back what this round wrote, then retry smaller.
-            written = target_cache[0].size() - columns
-            if written and prefilled:
-                rollback_rows(target_cache, [written] * len(rows))
-            elif written:
+            target_cache, halving = batch_fault(error, controller, target_cache, columns, prefilled,
+                                                rollback_rows, len(rows))
+            if target_cache is None:  # the prompts' call failed: start the target cache again
                 target_cache = make_batch_cache(target_model, left_padding)
-            draft_cache = None  # rebuilt from the committed tokens at the next draft round
-            if not controller.memory_pressure():
-                if len(rows) == 1:
-                    raise
-                finish_in_halves()
+            draft_cache = None  # made again from the committed tokens at the next draft round
+            if halving:
+                halve()
                 return outputs
             continue
 
-        keep, drops = [], []
-        # The batch ends when its shortest row does: track how far the minimum length moves.
-        behind, lowest = min(len(outputs[r]) for r in rows), max_tokens
+        keep, drops, done, accepted, emitted = [], [], [], [], []
+        before = [len(outputs[r]) for r in rows]
         for b, r in enumerate(rows):
             if K == 0:
                 n, new_tokens = 0, [plain_tokens[b]]
             else:
-                key_verify = None
-                if sampling:
-                    row_keys[b], key_verify = mx.random.split(row_keys[b])
+                key_verify = next_row_key(b) if sampling else None
                 n, new_tokens = verify_speculation(
                     draft_tokens[b], target_logits[b], q_draft[b], temperature, key_verify)
-            out = []
-            for token in new_tokens[: max_tokens - len(outputs[rows[b]])]:
-                out.append(token)
-                if token in eos:
-                    break
+            out = until_eos(new_tokens, eos, max_tokens - len(outputs[r]))
             outputs[r] += out
-            lowest = min(lowest, max_tokens if out[-1] in eos else len(outputs[r]))  # EOS: done
-            if stats is not None:
-                stats.record_round(K, n, len(out))
-            if len(outputs[r]) < max_tokens and out[-1] not in eos:
+            done.append(out[-1] in eos)
+            accepted.append(n)
+            emitted.append(len(out))
+            if len(outputs[r]) < max_tokens and not done[-1]:
                 keep.append(b)
                 drops.append(K - n)
+        after = [len(outputs[r]) for r in rows]
         caches = [target_cache] + ([draft_cache] if draft_cache is not None else [])
         if keep and len(keep) < len(rows):
             for cache in caches:
@@ -881,8 +563,7 @@ def batched_fallback_decode(
             for cache in caches:
                 rollback_rows(cache, drops)
         # Timed after the rollback: moving every row's KV entries is part of what a speculative
-        # round costs a batch (plain rounds pay no rollback), and a controller that does not see
-        # it keeps speculating where it loses.
+        # round costs a batch (plain rounds pay no rollback).
         verified = time.perf_counter()
         if K == 0:
             if prefilled:
@@ -891,23 +572,18 @@ def batched_fallback_decode(
                 controller.observe_prefill(inputs.shape[1], verified - mark)
             draft_lag += 1
         else:
+            d = shortest_row_progress(before, after, done, max_tokens, K)
             caught_up = draft_inputs.shape[1] > 2
-            progress = min(lowest - behind, K + 1)  # 1 .. K + 1 tokens for the batch's last row
-            controller.update(K, [progress - 1], None if caught_up else drafted - start, verified - drafted)
+            controller.update(K, [d - 1], None if caught_up else drafted - start, verified - drafted)
             draft_lag = 2  # the draft holds C[:-2] of every row (see batched.py)
         prefilled = True
-        if stats is not None:
-            stats.draft_calls += K
-            stats.draft_time_s += drafted - start
-            stats.verify_time_s += verified - drafted
+        count_round(stats, K, accepted, emitted, drafted - start, verified - drafted)
         if not keep:
             break
         if K > 0:  # only a rollback adds padding
-            for cache in caches:
-                if min(cache[0].left_padding.tolist()) >= SHARED_PADDING_LIMIT:
-                    filter_rows(cache, list(range(len(rows))))
-        if _over_limit(memory_limit_mb) and not controller.memory_pressure() and len(rows) > 1:
-            finish_in_halves()
+            compact_padding(caches, filter_rows, SHARED_PADDING_LIMIT)
+        if over_memory_limit(memory_limit_mb) and not controller.memory_pressure() and len(rows) > 1:
+            halve()
             return outputs
         target_inputs = mx.array([[outputs[r][-1]] for r in rows], dtype=mx.int32)
         mark = time.perf_counter()

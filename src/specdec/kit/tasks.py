@@ -111,16 +111,12 @@ TASKS: tuple = tuple(
              "measure", "MetricsAggregator.add",
              ("measure_plain_baseline, honest_speedup", "measure_plain_baseline", "honest_speedup"))
     + _tasks(4, 3, "fallback", "week4-03-fallback",
-             ("FallbackController: the estimates", "FallbackController.__init__",
-              "FallbackController.alpha", "FallbackController.step_time",
-              "FallbackController.draft_cost", "FallbackController.verify_line",
-              "FallbackController.verify_cost", "FallbackController.goodput",
+             ("FallbackController: the estimates", "FallbackController.alpha",
+              "FallbackController.step_time", "FallbackController.draft_cost",
+              "FallbackController.verify_line", "FallbackController.goodput",
               "FallbackController.best_lookahead"),
              ("FallbackController: update, decide", "FallbackController.update",
-              "FallbackController.could_win", "FallbackController.probe_wait",
               "FallbackController.decide"),
-             ("FallbackController: faults", "FallbackController.disable_draft",
-              "FallbackController.memory_pressure"),
              "fallback_generate", "batched_fallback_decode")
     + _tasks(4, 4, "serving", "week4-04-serving",
              "find_stop", "prefill_request", "Scheduler.admit", "Scheduler.step")
