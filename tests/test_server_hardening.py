@@ -621,3 +621,27 @@ def test_server_step_failure_keeps_waiting_requests(llama_models):
         loop.close()
     assert finals == ["error", "length"], (
         f"a step that raises fails the rows of that round only; the waiting request still runs: {finals}")
+
+
+# The provided scheduler half (kit.serving): what its docstrings promise --------------------------
+def test_scheduler_base_refuses_and_caps(llama_models):
+    from specdec.kit.impl import get_impl
+
+    draft, target = llama_models
+    S = get_impl("ref").serving
+    scheduler = S.Scheduler(target, draft, lookahead=4, max_batch=4, decode=lambda t: "x" * len(t))
+    for fields, name in (({"temperature": float("nan")}, "temperature"),
+                         ({"temperature": float("inf")}, "temperature"), ({"top_p": 0.0}, "top_p"),
+                         ({"logprobs": 21}, "logprobs")):
+        with pytest.raises(ValueError, match=name):
+            scheduler.submit(S.Request([1, 2], **fields))
+    greedy = S.Request([1, 2], max_tokens=2)
+    scheduler.rows = [greedy]
+    assert scheduler.next_lookahead() == 1, "greedy rows: K is capped at the tokens still wanted - 1"
+    sampled = S.Request([1, 2], max_tokens=2, temperature=0.7)
+    scheduler.rows = [greedy, sampled]
+    assert scheduler.next_lookahead() == 4, (
+        "a sampled row's draws depend on K, so K must not depend on its batch-mates: no cap while "
+        "a sampled row runs")
+    with pytest.raises(ValueError, match="logits"):
+        scheduler.emit(S.Request([1], max_tokens=4, logprobs=2), [5], None)

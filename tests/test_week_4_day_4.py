@@ -244,6 +244,10 @@ def test_task_4_continuous_batching_is_exact(impl, use_ref, llama_models, stagge
             "after keep_rows, and that finished rows leave"
         )
         assert request.finish_reason == "length", f"request {i} ended by max_tokens: 'length'"
+        assert request.stats.emitted == len(request.output), (
+            f"{mode}, request {i}: record_round(K, n, emitted) with emitted = the tokens emit() "
+            f"actually appended (a round cut short by max_tokens emits fewer than n + 1): its stats "
+            f"count {request.stats.emitted} emitted tokens, its output has {len(request.output)}")
     assert scheduler.rows == [] and scheduler.target_cache is None, "when all are done no row remains"
     if mode == "speculative":
         assert scheduler.stats.drafted > 0, "with a draft model and lookahead 3 the rounds must draft"
