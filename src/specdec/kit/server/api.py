@@ -272,8 +272,9 @@ def build_app(engine: Engine, validator: Validator, metrics: Metrics, model_name
             async def chunks():
                 sent_tokens, sent_chars = 0, len(prefix)
                 try:
-                    if prefix:
-                        yield f"data: {json.dumps(dict(head, object=kind, choices=[choice(prefix, None, True, None)]))}\n\n"
+                    if prefix:  # echo: the prompt comes first
+                        first = dict(head, object=kind, choices=[choice(prefix, None, True, None)])
+                        yield f"data: {json.dumps(first)}\n\n"
                     while True:
                         event = await next_event()
                         if event.finish_reason in ("error", "cancelled"):
