@@ -4,8 +4,9 @@ Connections are bounded three ways: uvicorn's `limit_concurrency` (a request bey
 503), `timeout_keep_alive` (an idle kept-alive connection closes) and
 `h11_max_incomplete_event_size` (the most header bytes); and `GuardedH11Protocol` adds what
 uvicorn lacks: a connection that has not sent its request line and headers within
---header-timeout seconds is closed, and one accepted beyond --max-connections is closed at once,
-so half-open connections can neither pile up nor exhaust file descriptors.
+--header-timeout seconds is closed, and past --max-connections the oldest such connection makes
+room for the new one, so half-open connections can neither pile up, exhaust file descriptors,
+nor lock real clients out.
 """
 
 from __future__ import annotations
@@ -162,23 +163,47 @@ def allowed_hosts(args) -> Optional[set]:
 
 
 def guarded_protocol(max_connections: int, header_timeout_s: float):
-    """uvicorn's h11 protocol, plus a header timeout and a hard cap on open connections."""
+    """uvicorn's h11 protocol, plus a header timeout and a cap on open connections.
+
+    Past the cap, the oldest connection still waiting for its request headers is closed to make
+    room (a flood of half-open connections cannot lock real clients out); only when every
+    connection is busy with a request is the new one refused. The cap sits a little below
+    uvicorn's `limit_concurrency`, so waiting connections never turn real requests into 503s.
+    """
+    from collections import OrderedDict
+
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    cap = max(1, max_connections - 8)
+    waiting_for_headers: OrderedDict = OrderedDict()  # protocols without a request yet, oldest first
 
     class GuardedH11Protocol(H11Protocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._header_timer = None
-            if len(self.connections) > max_connections + 16:  # far past limit_concurrency's 503s
+            while len(self.connections) > cap and waiting_for_headers:
+                oldest, _ = waiting_for_headers.popitem(last=False)
+                if oldest.cycle is None and not oldest.transport.is_closing():
+                    oldest.transport.close()
+                    self.connections.discard(oldest)
+            if len(self.connections) > cap:  # every other connection is serving a request
                 transport.abort()
                 return
+            waiting_for_headers[self] = None
             self._header_timer = self.loop.call_later(header_timeout_s, self._headers_too_slow)
 
         def _headers_too_slow(self) -> None:
+            waiting_for_headers.pop(self, None)
             if self.cycle is None and not self.transport.is_closing():  # no request yet
                 self.transport.close()
 
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None:
+                waiting_for_headers.pop(self, None)
+
         def connection_lost(self, exc) -> None:
+            waiting_for_headers.pop(self, None)
             if getattr(self, "_header_timer", None) is not None:
                 self._header_timer.cancel()
             super().connection_lost(exc)
