@@ -156,7 +156,8 @@ def test_task_3_admit_joins_up_to_max_batch(impl, use_ref, llama_models):
     S = impl.serving
     scheduler = S.Scheduler(target, draft, lookahead=3, max_batch=3)
     prompts = [[1, 2, 3, 4, 5], [7], [9, 9], [4, 4, 4, 4, 4, 4, 4, 4], [5, 6, 7]]
-    requests = [scheduler.submit(S.Request(p, max_tokens=4, seed=i)) for i, p in enumerate(prompts)]
+    seeds = [9001 + 37 * i for i in range(len(prompts))]  # never the admission index
+    requests = [scheduler.submit(S.Request(p, max_tokens=4, seed=s)) for p, s in zip(prompts, seeds)]
     requests[1].cancel()
     events = scheduler.admit()
     assert [e.request for e in events] == [requests[1]] and events[0].finish_reason == "cancelled", (
@@ -175,10 +176,11 @@ def test_task_3_admit_joins_up_to_max_batch(impl, use_ref, llama_models):
     assert scheduler.draft_cache[0].offset.tolist() == [3, 0, 6], (
         f"the running draft cache must hold every row's P[:-2]; got {scheduler.draft_cache[0].offset.tolist()}"
     )
-    keys = [r.key for r in scheduler.rows]
-    assert all(k is not None for k in keys) and np.array_equal(np.array(keys[1]), np.array(mx.random.key(2))), (
-        "each admitted request gets its own key, mx.random.key(request.seed)"
-    )
+    for r in scheduler.rows:
+        assert r.key is not None and np.array_equal(np.array(r.key), np.array(mx.random.key(r.seed))), (
+            f"each admitted request gets its own key, mx.random.key(request.seed) (seed {r.seed}), "
+            "never one derived from the admission order or the row index"
+        )
 
 
 def test_task_3_admit_isolates_a_failing_prefill(impl, use_ref, llama_models):
@@ -242,6 +244,10 @@ def test_task_4_continuous_batching_is_exact(impl, use_ref, llama_models, stagge
             "after keep_rows, and that finished rows leave"
         )
         assert request.finish_reason == "length", f"request {i} ended by max_tokens: 'length'"
+        assert request.stats.emitted == len(request.output), (
+            f"{mode}, request {i}: record_round(K, n, emitted) with emitted = the tokens emit() "
+            f"actually appended (a round cut short by max_tokens emits fewer than n + 1): its stats "
+            f"count {request.stats.emitted} emitted tokens, its output has {len(request.output)}")
     assert scheduler.rows == [] and scheduler.target_cache is None, "when all are done no row remains"
     if mode == "speculative":
         assert scheduler.stats.drafted > 0, "with a draft model and lookahead 3 the rounds must draft"
@@ -643,3 +649,110 @@ def test_server_disconnect_frees_the_row(server):
             "a client that disconnects must free its row: the request should end as 'cancelled'")
         time.sleep(0.1)
     assert json.loads(get(server, "/health"))["running"] == 0, "no row is left running"
+
+
+# Day 4 key discipline (issue 19): keys from the seed and the row's progress, never reused ---------
+def chi_square_p(counts: np.ndarray, expected: np.ndarray) -> float:
+    """Pearson's chi-square p-value, cells with expected < 5 pooled into one."""
+    counts, expected = counts.ravel(), expected.ravel()
+    big = expected >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    expected = np.append(expected[big], expected[~big].sum())
+    keep = expected > 0
+    chi2 = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    return float(scipy_stats.chi2.sf(chi2, keep.sum() - 1))
+
+
+def test_task_4_later_tokens_follow_the_joint_law(impl, use_ref, markov_serving_models):
+    """Tokens 2 and 3 of 1,280 seeded requests at lookahead 1: their joint law is the target's.
+
+    A row that reuses its keys (never advanced, or the same keys every round) draws the same
+    noise for consecutive tokens: each token's marginal can look right while pairs do not. The
+    seeds are fixed, so the result is deterministic; a correct implementation fails with
+    probability 1e-3 (the chi-square threshold), whatever order it splits its keys in.
+    """
+    use_ref(*EARLIER_TASKS, TASK_1, TASK_2, TASK_3)
+    draft, target = markov_serving_models
+    S = impl.serving
+    start, N, T = 4, 1280, 1.0
+    scheduler = S.Scheduler(target, draft, lookahead=1, max_batch=64)
+    requests = [S.Request([start], max_tokens=3, temperature=T, seed=7919 * i + 13) for i in range(N)]
+    run_all(scheduler, {k: requests[64 * k: 64 * (k + 1)] for k in range(N // 64 + 1)})
+    p = np.array(target.transitions, dtype=np.float64)
+    first = np.eye(12)[start] @ p[0]  # output token 0 (position 1)
+    second = first @ p[1]  # output token 1 (position 2)
+    joint = second[:, None] * p[2]  # (output 1, output 2)
+    counts = np.zeros((12, 12))
+    for r in requests:
+        counts[r.output[1], r.output[2]] += 1
+    p_value = chi_square_p(counts, joint * N)
+    assert p_value > 1e-3, (
+        f"output tokens 1 and 2 (lookahead 1, T = {T}) are not jointly distributed as the target "
+        f"(chi-square p = {p_value:.1e}): a row must draw fresh numbers every round. Take each "
+        "round's keys from self.round_keys(request) — derived from its seed and len(output) — never "
+        "the same key twice (e.g. splitting request.key without replacing it)")
+
+
+def test_task_4_seeded_sampling_ignores_admission_order(impl, use_ref, markov_serving_models):
+    """The same seeded request, admitted first or fourth, in any order: the same tokens."""
+    use_ref(*EARLIER_TASKS, TASK_1, TASK_2, TASK_3)
+    draft, target = markov_serving_models
+    S = impl.serving
+
+    def run(before: int) -> list[int]:
+        scheduler = S.Scheduler(target, draft, lookahead=2, max_batch=8)
+        others = [S.Request([i % 12, 3], max_tokens=30, temperature=0.9, seed=555 + 101 * i)
+                  for i in range(before)]
+        me = S.Request([4, 7], max_tokens=30, temperature=0.9, seed=2024)
+        run_all(scheduler, {0: others + [me]})
+        return me.output
+
+    alone, fourth = run(0), run(3)
+    assert alone == fourth, (
+        "a seeded request's tokens must not depend on when it was admitted or which row it took: "
+        f"alone {alone}, admitted after 3 others {fourth}. Its key is mx.random.key(request.seed), "
+        "and each round's keys come from self.round_keys(request) — never from the admission "
+        "order, the row index or a counter of the scheduler")
+
+
+def test_task_4_a_failing_row_fails_alone(impl, use_ref, llama_models):
+    """One request whose round raises: it ends with 'error'; its batch-mates finish exactly."""
+    use_ref(*EARLIER_TASKS, TASK_1, TASK_2, TASK_3)
+    draft, target = llama_models
+    S = impl.serving
+
+    class PoisonedStops(tuple):
+        """Stop strings that raise when read: emit() fails for this request only."""
+
+        def __iter__(self):
+            raise RuntimeError("poisoned stop strings")
+
+    decode = lambda tokens: "".join(chr(65 + t % 26) for t in tokens)  # noqa: E731
+    scheduler = S.Scheduler(target, draft, lookahead=3, max_batch=4, decode=decode)
+    good = [scheduler.submit(S.Request(p, max_tokens=10)) for p in ([1, 2, 3], [9, 9])]
+    bad = S.Request([5, 6, 7], max_tokens=10, stop=PoisonedStops(("x",)))
+    scheduler.waiting.insert(1, bad)  # past submit's checks, between the good ones
+    finishes = {}
+    steps = 0
+    while scheduler.has_work:
+        try:
+            events = scheduler.step()
+        except NotImplementedError:
+            raise
+        except Exception as error:  # noqa: BLE001
+            pytest.fail(f"step() raised {type(error).__name__}: {error} — one failing request never "
+                        "fails another: catch what verifying or emitting a row raises, end that "
+                        "request alone (finish(request, 'error', message)) and go on with the others")
+        for event in events:
+            if event.finish_reason is not None:
+                finishes[id(event.request)] = event.finish_reason
+        check_invariant(scheduler)
+        steps += 1
+        assert steps < 200, "the scheduler never finished"
+    assert finishes.get(id(bad)) == "error" and "poisoned" in (bad.error or ""), (
+        "a request whose round raises (here in emit) must end alone with finish_reason 'error' and "
+        f"the message in request.error; got {finishes.get(id(bad))!r}, {bad.error!r}")
+    for r in good:
+        assert r.output == mlx_lm_greedy(target, r.prompt, 10) and finishes[id(r)] == "length", (
+            "one failing request never fails another: its batch-mates must finish with their solo "
+            f"greedy output; {r.prompt} got {r.output} ({finishes.get(id(r))})")

@@ -10,68 +10,26 @@ its `Event`s into HTTP responses. Shapes: `B` batch, `L` sequence, `K` draft len
 Per row, between rounds, the Week 3 cache invariant holds (C = the row's prompt + output): the
 target cache holds C[:-1], the draft cache holds C[:-2]. A row that joins must arrive in that
 state, so every round feeds the target 1 unseen token per row and the draft 2.
+
+Provided code lives in `specdec.kit.serving` and is re-exported here: `Request`, `Event`,
+`PAD_ID`, `join_caches`, `draft_rows`, the sampling rule (`RejectionSampling`), and
+`SchedulerBase` — the scheduler's `__init__`, `submit`, `next_lookahead`, `round_keys`,
+`sampling_logits`, `emit`, `finish`, `keep_rows` and `record_round`. Read them first.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import mlx.core as mx
 
-from specdec.kit.models import model_vocab_size
-from specdec.kit.stats import SpecStats
+from specdec.kit.serving import (  # noqa: F401 — provided code, re-exported for both trees
+    PAD_ID, REJECTION, Event, RejectionSampling, Request, SchedulerBase, draft_rows, join_caches)
 
-from .batched import SHARED_PADDING_LIMIT, filter_rows, make_batch_cache, rollback_rows
+from .batched import SHARED_PADDING_LIMIT, filter_rows, make_batch_cache, rollback_rows  # noqa: F401
 from .sampling import make_probs, sample_token
 from .verify import verify_speculation
-
-PAD_ID = 0  # the token fed in a padding slot; the cache's left_padding masks it
-
-
-@dataclass
-class Request:
-    """One completion request, and its progress (provided).
-
-    prompt: token ids, non-empty. max_tokens >= 1. temperature >= 0 (0 = greedy). seed: the
-    request's own randomness (used when temperature > 0), so a request's tokens never depend on
-    which other requests share its batch. stop: strings that end the completion (not returned).
-    Progress, written by the scheduler: output (token ids so far, EOS included), text_sent (how
-    many characters of the decoded output were emitted), finish_reason (None while running, else
-    "stop" | "length" | "cancelled" | "error"), error (a message when finish_reason is "error"),
-    stats (this request's SpecStats: one record_round per round it took part in), key (its PRNG
-    key while it runs). `cancel()` (any thread) asks the scheduler to drop it at the next step.
-    """
-
-    prompt: list[int]
-    max_tokens: int = 16
-    temperature: float = 0.0
-    seed: int = 0
-    stop: Sequence[str] = ()
-    request_id: str = ""
-    output: list[int] = field(default_factory=list)
-    text_sent: int = 0
-    finish_reason: Optional[str] = None
-    error: Optional[str] = None
-    cancelled: bool = False
-    stats: SpecStats = field(default_factory=SpecStats)
-    key: Optional[mx.array] = None
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-@dataclass
-class Event:
-    """What one step produced for one request (provided): new token ids, the new text (stop
-    strings and a possible stop-string prefix held back), and finish_reason once it is done."""
-
-    request: Request
-    tokens: list[int]
-    text: str = ""
-    finish_reason: Optional[str] = None
 
 
 # Task 1: stop strings -----------------------------------------------------------------------------
@@ -133,57 +91,7 @@ def prefill_request(draft_model, target_model, prompt: list[int]) -> tuple[Optio
     return draft_cache, target_cache
 
 
-def join_caches(running: Optional[list], new: Optional[list]) -> Optional[list]:
-    """Append the rows of `new` below those of `running`, layer by layer (provided).
-
-    `BatchKVCache.extend` right-aligns both to the longer one (more left padding for the
-    shorter), so every row's newest entry stays in the last used column. running None: new.
-    """
-    if running is None:
-        return new
-    for layer, other in zip(running, new):
-        layer.extend(other)
-    return running
-
-
-def draft_rows(
-    draft_model, cache: list, inputs: mx.array, num_tokens: int,
-    temperatures: list[float], keys: list[Optional[mx.array]],
-) -> tuple[mx.array, mx.array]:
-    """Week 3's `draft_batch` with one temperature and one key per row (provided).
-
-    inputs: int [B, U]. Row b is greedy (temperature 0, q one-hot) or sampled from
-    make_probs(logits, temperatures[b]) with Gumbel noise drawn from keys[b] only, so a row's
-    drafts never depend on its batch-mates. Returns (draft_tokens int32 [B, K], q_draft [B, K, V]).
-    """
-    sampled = [t > 0 for t in temperatures]
-    noise = None
-    if any(sampled):
-        V = model_vocab_size(draft_model)
-        noise = mx.stack([
-            mx.random.gumbel((num_tokens, V), key=k) if s else mx.zeros((num_tokens, V))
-            for s, k in zip(sampled, keys)
-        ], axis=1)  # [K, B, V]
-        scale = mx.array([t if t > 0 else 1.0 for t in temperatures])[:, None]
-        is_sampled = mx.array(sampled)[:, None]
-    tokens, probs = [], []
-    for i in range(num_tokens):
-        logits = draft_model(inputs, cache=cache)[:, -1].astype(mx.float32)  # [B, V]
-        greedy = mx.argmax(logits, axis=-1)
-        q = (mx.arange(logits.shape[-1]) == greedy[:, None]).astype(mx.float32)
-        if noise is not None:
-            soft = mx.softmax(logits / scale, axis=-1)
-            q = mx.where(is_sampled, soft, q)
-            greedy = mx.argmax(mx.log(q) + noise[i], axis=-1)  # Gumbel-max: a sample of q
-        token = greedy.astype(mx.int32)
-        tokens.append(token)
-        probs.append(q)
-        mx.async_eval(token)
-        inputs = token[:, None]
-    return mx.stack(tokens, axis=1), mx.stack(probs, axis=1)
-
-
-class Scheduler:
+class Scheduler(SchedulerBase):
     """Continuous batching over one batched speculative decoder.
 
         scheduler = Scheduler(target, draft, lookahead=4, max_batch=8, decode=tokenizer.decode)
@@ -198,133 +106,8 @@ class Scheduler:
     FallbackController: it then picks K each round), waiting (a deque of Requests), rows (the
     running Requests, in cache row order), draft_cache / target_cache (per-layer BatchKVCaches
     over `rows`, None while no row runs), stats (one SpecStats for everything served).
+    Everything but `admit` and `step` is provided by `SchedulerBase` (specdec.kit.serving).
     """
-
-    def __init__(
-        self,
-        target_model,
-        draft_model=None,
-        lookahead: int = 4,
-        max_batch: int = 8,
-        eos_token_ids: Sequence[int] = (),
-        decode: Optional[Callable[[list[int]], str]] = None,
-        controller=None,
-    ):
-        """Check the arguments (ValueError naming the value): lookahead >= 0 (0 = plain
-        decoding), max_batch >= 1, draft and target vocabularies equal (provided)."""
-        if lookahead < 0:
-            raise ValueError(f"lookahead must be >= 0 (0 = plain decoding), got {lookahead}")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if draft_model is not None and model_vocab_size(draft_model) != model_vocab_size(target_model):
-            raise ValueError(
-                f"draft vocab {model_vocab_size(draft_model)} != target vocab "
-                f"{model_vocab_size(target_model)}: the draft must share the target's tokenizer")
-        self.target_model, self.draft_model = target_model, draft_model
-        self.lookahead, self.max_batch = lookahead, max_batch
-        self.eos_token_ids, self.decode, self.controller = set(eos_token_ids), decode, controller
-        self.waiting: deque = deque()
-        self.rows: list[Request] = []
-        self.draft_cache: Optional[list] = None
-        self.target_cache: Optional[list] = None
-        self.stats = SpecStats()
-
-    def submit(self, request: Request) -> Request:
-        """Queue a request (provided; safe to call from another thread than `step`).
-
-        ValueError naming the field: empty prompt, max_tokens < 1, temperature < 0, an empty
-        stop string, stop strings without a `decode` function.
-        """
-        if len(request.prompt) == 0:
-            raise ValueError("prompt is empty: a request needs at least one token")
-        if request.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
-        if request.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {request.temperature}")
-        if any(not s for s in request.stop):
-            raise ValueError("stop contains an empty string: every stop string needs >= 1 character")
-        if request.stop and self.decode is None:
-            raise ValueError("stop strings need text: give the Scheduler a decode function")
-        self.waiting.append(request)
-        return request
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.waiting) or bool(self.rows)
-
-    def next_lookahead(self) -> int:
-        """K for the next round (provided): 0 without a draft model or when the controller says
-        0 (a plain round); else the controller's (or the fixed) lookahead, capped at r - 1 where
-        r is the most tokens a running row still needs, and at least 1."""
-        if self.draft_model is None or not self.rows:
-            return 0
-        wanted = self.controller.lookahead if self.controller is not None else self.lookahead
-        if wanted <= 0:
-            return 0
-        need = max(r.max_tokens - len(r.output) for r in self.rows)
-        return max(1, min(wanted, need - 1))
-
-    def emit(self, request: Request, new_tokens: list[int]) -> Optional[Event]:
-        """Hand a round's tokens to a request (provided): cut at EOS and max_tokens, decode,
-        cut at a stop string (`find_stop`), set finish_reason. Returns its Event (None if
-        nothing new)."""
-        out = []
-        for token in new_tokens[: request.max_tokens - len(request.output)]:
-            out.append(token)
-            if token in self.eos_token_ids:
-                break
-        request.output += out
-        finish = None
-        if out and out[-1] in self.eos_token_ids:
-            finish = "stop"
-        elif len(request.output) >= request.max_tokens:
-            finish = "length"
-        text = ""
-        if self.decode is not None:
-            body = request.output[:-1] if finish == "stop" else request.output
-            full = self.decode(body)
-            end, stopped = find_stop(full, request.stop)
-            if stopped:
-                finish = "stop"
-            elif finish is not None:
-                end = len(full)  # done: nothing is held back any more
-            else:
-                end = min(end, len(full.rstrip("\ufffd")))  # an unfinished UTF-8 character waits
-            text = full[request.text_sent:end]
-            request.text_sent = max(request.text_sent, end)
-        request.finish_reason = finish
-        if not out and finish is None and not text:
-            return None
-        return Event(request, out, text, finish)
-
-    def finish(self, request: Request, reason: str, error: Optional[str] = None) -> Event:
-        """End a request outside a round (cancelled, failed); its final Event (provided)."""
-        request.finish_reason, request.error = reason, error
-        return Event(request, [], "", reason)
-
-    def keep_rows(self, keep: list[int]) -> None:
-        """Keep only rows `keep` (indices into self.rows) in `rows` and both caches (provided)."""
-        if len(keep) == len(self.rows):
-            return
-        if not keep:
-            self.rows, self.draft_cache, self.target_cache = [], None, None
-            return
-        for cache in (self.draft_cache, self.target_cache):
-            if cache is not None:
-                filter_rows(cache, keep)
-        self.rows = [self.rows[b] for b in keep]
-
-    def record_round(self, K: int, accepted: list[int], draft_time_s: float, verify_time_s: float) -> None:
-        """Tell the controller (if any) how the round went (provided). Per-row SpecStats are
-        the step's job; this adds the batched call counts and times to `self.stats`."""
-        self.stats.draft_calls += K
-        self.stats.draft_time_s += draft_time_s
-        self.stats.verify_time_s += verify_time_s
-        if self.controller is not None:
-            if K == 0:
-                self.controller.update(0, 0, None, verify_time_s)
-            else:
-                self.controller.update(K, accepted, draft_time_s, verify_time_s)
 
     # Task 3: admission --------------------------------------------------------------------------
     def admit(self) -> list[Event]:
@@ -365,19 +148,27 @@ class Scheduler:
         2. K = `next_lookahead()`. Each row's unseen tokens are the last two of C = prompt +
            output, [PAD_ID, C[0]] when C has one token: the draft gets both [B, 2], the target
            the last [B, 1].
-        3. Keys: a row with temperature > 0 splits its own key three ways each round — (its next
-           key, a draft key, a verify key); greedy rows use none.
+        3. Keys: a row with temperature > 0 takes this round's (draft key, verify key) from
+           `self.round_keys(request)` — derived from its seed and its progress only, never from
+           the round, its row or the admission order; greedy rows use none.
            K > 0: `draft_rows` (per-row temperatures and draft keys), one target call on
            [unseen, drafts], then per row `verify_speculation` on its K + 1 logits with its own
            temperature and verify key. K = 0 (plain round): the draft, if any, is fed the first
            of the two unseen tokens [B, 1] (so it keeps holding C[:-2]); one target call; each
            row takes argmax (greedy) or `sample_token(make_probs(logits, t), verify key)`.
-        4. Per row: `request.stats.record_round(K, n, emitted)` and the batch stats too
-           (`self.stats.record_round`), `emit(request, tokens)` (append its Event if not None);
-           rows whose request finished leave (`keep_rows`); the others roll back K - n_i
+           A sampled row verifies and samples with `self.sampling_logits(request, logits)` (its
+           top_p), never the raw logits.
+        4. Per row: `emit(request, tokens, target_logits[b])` (append its Event if not None) and
+           `request.stats.record_round(K, n, emitted)` and the batch stats too
+           (`self.stats.record_round`), where emitted = how many tokens emit appended to
+           request.output (fewer than n + 1 when EOS or max_tokens cut the round short).
+           One failing request never fails another: if verifying or emitting a row raises, that
+           request alone ends (`finish(request, "error", message)`, its Event returned) and
+           leaves with the finished rows; the round goes on for the others.
+           Rows whose request finished leave (`keep_rows`); the others roll back K - n_i
            entries of both caches (`rollback_rows`, after `keep_rows`). When every row pads
            >= SHARED_PADDING_LIMIT columns, `filter_rows(cache, all rows)` slices them off.
-        5. `record_round(K, [n_i], draft seconds, verify seconds)`.
+        5. `record_round(K, [n_i], draft seconds, verify seconds)` (n_i = 0 for a failed row).
         Returns the events of this step. At temperature 0 every request's output is exactly
         its solo greedy output, whatever joined or left its batch and when.
         """
@@ -395,10 +186,7 @@ class Scheduler:
         unseen = mx.array([([PAD_ID] + s)[-2:] for s in sequences], dtype=mx.int32)  # [B, 2]
         draft_keys, verify_keys = [], []
         for r in self.rows:
-            if r.temperature > 0:
-                r.key, key_draft, key_verify = mx.random.split(r.key, 3)
-            else:
-                key_draft = key_verify = None
+            key_draft, key_verify = self.round_keys(r) if r.temperature > 0 else (None, None)
             draft_keys.append(key_draft)
             verify_keys.append(key_verify)
 
@@ -420,16 +208,22 @@ class Scheduler:
 
         keep, drops, accepted = [], [], []
         for b, r in enumerate(self.rows):
-            if K > 0:
-                n, new_tokens = verify_speculation(
-                    draft_tokens[b], target_logits[b], q_draft[b], r.temperature, verify_keys[b])
-            elif r.temperature > 0:
-                probs = make_probs(target_logits[b, -1], r.temperature)
-                n, new_tokens = 0, [sample_token(probs, verify_keys[b]).item()]
-            else:
-                n, new_tokens = 0, [mx.argmax(target_logits[b, -1]).item()]
-            before = len(r.output)
-            event = self.emit(r, new_tokens)
+            try:
+                logits = self.sampling_logits(r, target_logits[b])  # [K + 1, V]
+                if K > 0:
+                    n, new_tokens = verify_speculation(
+                        draft_tokens[b], logits, q_draft[b], r.temperature, verify_keys[b])
+                elif r.temperature > 0:
+                    probs = make_probs(logits[-1], r.temperature)
+                    n, new_tokens = 0, [sample_token(probs, verify_keys[b]).item()]
+                else:
+                    n, new_tokens = 0, [mx.argmax(logits[-1]).item()]
+                before = len(r.output)
+                event = self.emit(r, new_tokens, target_logits[b])
+            except Exception as error:  # noqa: BLE001 — the request fails, its batch-mates do not
+                events.append(self.finish(r, "error", f"{type(error).__name__}: {error}"))
+                accepted.append(0)
+                continue
             emitted = len(r.output) - before
             r.stats.record_round(K, n, emitted)
             self.stats.record_round(K, n, emitted)

@@ -1,0 +1,7 @@
+"""`python -m specdec.kit.server ...` is `specdec serve ...`."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
