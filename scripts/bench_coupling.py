@@ -98,10 +98,10 @@ def section_acceptance(r: Runner, args) -> dict:
 
 def section_speed(r: Runner, args) -> dict:
     T, n = 0.8, args.max_tokens
-    modes = {"plain sampled": lambda p, s: r.plain(p, n, s, T),
-             "plain seeded": lambda p, s: r.seeded(p, n, s, T),
-             "rejection": lambda p, s: r.rejection(p, n, s, T, args.k),
-             "coupled": lambda p, s: r.coupled(p, n, s, T, args.k)}
+    modes = {"plain sampled": lambda p, s, n=n: r.plain(p, n, s, T),
+             "plain seeded": lambda p, s, n=n: r.seeded(p, n, s, T),
+             "rejection": lambda p, s, n=n: r.rejection(p, n, s, T, args.k),
+             "coupled": lambda p, s, n=n: r.coupled(p, n, s, T, args.k)}
     names = list(modes)
     for name in names:  # warm-up
         modes[name](r.prompts[0], 16, 0)
@@ -163,7 +163,8 @@ def section_repro(r: Runner, args) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=["acceptance", "speed", "repro", "all"], default="all")
+    parser.add_argument("--section", choices=["acceptance", "speed", "repro", "all"], nargs="+",
+                        default=["all"])
     parser.add_argument("--prompts", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--k", type=int, default=4)
@@ -178,7 +179,7 @@ def main() -> int:
           f"{blas_info()}", flush=True)
     results = {}
     for name in ("acceptance", "speed", "repro"):
-        if args.section in (name, "all"):
+        if name in args.section or "all" in args.section:
             print(f"## {name}", flush=True)
             results[name] = globals()[f"section_{name}"](runner, args)
     if args.json:
