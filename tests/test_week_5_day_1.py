@@ -555,6 +555,20 @@ def test_task_5_controller_switches_including_plain(impl, ref, use_ref, markov_m
             "a plain round update(0, 0, ...)")
 
 
+def test_task_5_real_fallback_controller(impl, ref, use_ref, llama_models):
+    """Whatever K (0 included) the real controller picks from this machine's timings, each row's
+    text is the same."""
+    use_ref(*LOOP, *BATCHED_FOUNDATIONS)
+    draft, target = llama_models
+    prompts, seeds = POOL[:4], [5, 6, 7, 8]
+    controller = ref.fallback.FallbackController(max_lookahead=4, calibration_rounds=2)
+    outputs = impl.coupling.batched_coupled_decode(prompts, seeds, draft, target, 30, 4, 0.8,
+                                                   controller=controller)
+    for prompt, seed, out in zip(prompts, seeds, outputs):
+        want = seeded(ref, target, prompt, 30, seed, 0.8)
+        assert list(out) == want, f"with a FallbackController: {first_difference(list(out), want)}"
+
+
 def test_task_5_eos_seeds_and_errors(impl, ref, use_ref, markov_models):
     use_ref(*LOOP, *BATCHED_FOUNDATIONS)
     draft, target = markov_models

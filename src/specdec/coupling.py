@@ -161,11 +161,14 @@ def batched_coupled_decode(
     `lag` tokens (lag = 2, plus one per plain round since the last speculative one — the same
     for every row, so the draft's catch-up inputs are rectangular [B, lag]). K = controller's
     lookahead (None: `lookahead`), at most r - 1 (r = the most tokens a live row still wants);
-    K = 0 is a plain batched round. Speculative round: row b's noise for its positions
+    K = 0 is a plain batched round (a plain first round also feeds the draft the padded prompts,
+    so that its cache is never empty). The first round prefills the padded prompts. Speculative round: row b's noise for its positions
     t_b .. t_b + K (t_b = len of its committed sequence), `coupled_draft`, one target call on
     [newest token, drafts], `verify_coupled` per row, `rollback_rows` by K - n_b on both caches.
     Rows leave at EOS or max_tokens (`filter_rows`). controller.update(K, [n_b ...], ...) per
-    speculative round, update(0, 0, None, seconds) per plain one. stats: one record_round per
+    speculative round (draft seconds None while the draft catches up on more than 2 tokens),
+    update(0, 0, None, seconds) per plain one — observe_prefill(L, seconds) instead for a plain
+    first round, when the controller has it. stats: one record_round per
     live row per round. Returns B lists of ints, in the order of batch_prompts.
     """
     raise NotImplementedError("Week 5 Day 1 Task 5: batched_coupled_decode — see book/src/week5-01-drafter-invariant-sampling.md")
