@@ -78,15 +78,28 @@ def seeded_generate(
     if prompt_tokens.size == 0:
         raise ValueError("the prompt is empty: decoding needs at least one token")
     cache, eos = make_prompt_cache(model), set(eos_token_ids)
-    inputs, position = prompt_tokens, prompt_tokens.size
-    for _ in range(max_tokens):
+
+    def choose(inputs: mx.array, position: int) -> mx.array:
+        # Lazy: the graph of the token at `position`; nothing is computed yet.
         logits = model(inputs[None], cache=cache)[0, -1]
         noise = gumbel_noise(seed, [position], logits.shape[-1])[0]
-        token = gumbel_sample(make_probs(logits, temperature, top_k, top_p), noise).item()
-        yield token
-        if token in eos:
+        return gumbel_sample(make_probs(logits, temperature, top_k, top_p), noise)
+
+    if max_tokens <= 0:
+        return
+    position = prompt_tokens.size
+    token = choose(prompt_tokens, position)
+    mx.async_eval(token)
+    for n in range(max_tokens):
+        token_id = token.item()  # the one host sync per token
+        last = n + 1 == max_tokens or token_id in eos
+        if not last:  # queue the next step before handing this token out (as generate_tokens)
+            position += 1
+            token = choose(token.reshape(1), position)
+            mx.async_eval(token)
+        yield token_id
+        if last:
             return
-        inputs, position = mx.array([token], dtype=mx.int32), position + 1
 
 
 def coupled_draft(
