@@ -40,6 +40,7 @@ from specdec_ref.drafters import DrafterDecoder, NgramDrafter
 from specdec_ref.fallback import FallbackController, fallback_generate
 from specdec_ref.generate import generate_tokens
 from specdec_ref.metrics import acceptance_per_position
+from specdec_ref.sampling import make_probs
 from specdec_ref.speculative import speculative_generate
 
 
@@ -77,22 +78,40 @@ class Runner:
         return SpeculativeDecoder(self.draft, self.target, K)
 
 
+def tv_along(r: Runner, prompt: list[int], text: list[int], T: float) -> list[float]:
+    """TV(p_t, q_t) at every generated position of `text`, from one forward of each model."""
+    tokens = mx.array(prompt + text[:-1])[None]
+    p = make_probs(r.target(tokens)[0, len(prompt) - 1 :], T)
+    q = make_probs(r.draft(tokens)[0, len(prompt) - 1 :], T)
+    return (0.5 * mx.abs(p - q).sum(axis=-1)).tolist()
+
+
 def section_acceptance(r: Runner, args) -> dict:
     out = {}
     for T in (0.6, 0.8, 1.0):
         for rule in ("rejection", "coupled"):
-            stats = SpecStats()
+            stats, tvs = SpecStats(), []
             for p, prompt in enumerate(r.prompts[: args.prompts]):
                 for seed in range(args.acceptance_seeds):
-                    getattr(r, rule)(prompt, args.max_tokens, 1000 * p + seed, T, args.k, stats)
+                    text = getattr(r, rule)(prompt, args.max_tokens, 1000 * p + seed, T, args.k, stats)
+                    tvs += tv_along(r, prompt, text, T)
+            # What theory predicts from the TV along these texts: rejection sampling accepts
+            # 1 - TV per position on average; the coupled rule at least (1 - TV)/(1 + TV).
+            one_minus_tv = statistics.fmean(1 - tv for tv in tvs)
+            bound = statistics.fmean((1 - tv) / (1 + tv) for tv in tvs)
             out[f"T={T} {rule}"] = {
+                "mean_1_minus_tv": round(one_minus_tv, 3),
+                "mean_coupling_bound": round(bound, 3),
                 "per_position": [round(a, 3) for a in acceptance_per_position(stats)],
                 "acceptance_rate": round(stats.accepted / stats.drafted, 3),
                 "tokens_per_target_call": round(stats.emitted / stats.rounds, 3),
                 "rounds": stats.rounds,
             }
-            print(f"T={T} {rule:9s} per position {out[f'T={T} {rule}']['per_position']} "
-                  f"tokens/call {out[f'T={T} {rule}']['tokens_per_target_call']}", flush=True)
+            row = out[f"T={T} {rule}"]
+            print(f"T={T} {rule:9s} per position {row['per_position']} tokens/call "
+                  f"{row['tokens_per_target_call']}  (along these texts: mean 1 - TV "
+                  f"{row['mean_1_minus_tv']}, mean (1 - TV)/(1 + TV) {row['mean_coupling_bound']})",
+                  flush=True)
     return out
 
 
