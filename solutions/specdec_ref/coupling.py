@@ -267,14 +267,14 @@ def batched_coupled_decode(
     for every row, so the draft's catch-up inputs are rectangular [B, lag]). K = controller's
     lookahead (None: `lookahead`), at most r - 1 (r = the most tokens a live row still wants);
     K = 0 is a plain batched round (a plain first round also feeds the draft the padded prompts,
-    so that its cache is never empty). The first round prefills the padded prompts. Speculative round: row b's noise for its positions
-    t_b .. t_b + K (t_b = len of its committed sequence), `coupled_draft`, one target call on
-    [newest token, drafts], `verify_coupled` per row, `rollback_rows` by K - n_b on both caches.
-    Rows leave at EOS or max_tokens (`filter_rows`). controller.update(K, [n_b ...], ...) per
-    speculative round (draft seconds None while the draft catches up on more than 2 tokens),
-    update(0, 0, None, seconds) per plain one — observe_prefill(L, seconds) instead for a plain
-    first round, when the controller has it. stats: one record_round per
-    live row per round. Returns B lists of ints, in the order of batch_prompts.
+    so that its cache is never empty). The first round prefills the padded prompts.
+    Speculative round: row b's noise for its positions t_b .. t_b + K (t_b = the length of its
+    committed sequence), `coupled_draft`, one target call on [newest token, drafts],
+    `verify_coupled` per row, `rollback_rows` by K - n_b on both caches. Rows leave at EOS or
+    max_tokens (`filter_rows`). controller.update(K, [n_b ...], ...) per speculative round
+    (draft seconds None while the draft catches up on more than 2 tokens), update(0, 0, None,
+    seconds) per plain one — observe_prefill(L, seconds) instead for a plain first round, when
+    the controller has it. stats: one record_round per live row per round. Returns B lists of ints, in the order of batch_prompts.
     """
     if len(seeds) != len(batch_prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(batch_prompts)} prompts: pass one seed per row")
@@ -294,8 +294,9 @@ def batched_coupled_decode(
     while rows:
         K = controller.lookahead if controller is not None else lookahead
         K = max(0, min(K, max(max_tokens - len(outputs[r]) for r in rows) - 1))
-        noise = mx.stack([gumbel_noise(seeds[r], range(len(sequence(r)), len(sequence(r)) + K + 1), V)
-                          for r in rows])  # [B, K + 1, V]
+        starts = [len(sequence(r)) for r in rows]  # each row's next position t_b
+        noise = mx.stack([gumbel_noise(seeds[r], range(t, t + K + 1), V)
+                          for r, t in zip(rows, starts)])  # [B, K + 1, V]
         start = time.perf_counter()
         draft_inputs = tokens if lag is None else mx.array([sequence(r)[-lag:] for r in rows])
         draft_tokens = mx.zeros((len(rows), 0), dtype=mx.int32)

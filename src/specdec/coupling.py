@@ -32,7 +32,9 @@ def gumbel_noise(seed: int, positions: Sequence[int], vocab_size: int) -> mx.arr
     Different seeds or positions give independent rows, each V independent Gumbel(0, 1) draws.
     Raises ValueError unless 0 <= seed < 2**32 and 0 <= t < 2**32 for every position t.
     """
-    raise NotImplementedError("Week 5 Day 1 Task 1: gumbel_noise — see book/src/week5-01-drafter-invariant-sampling.md")
+    raise NotImplementedError(
+        "Week 5 Day 1 Task 1: gumbel_noise — see book/src/week5-01-drafter-invariant-sampling.md"
+    )
 
 
 def gumbel_sample(probs: mx.array, noise: mx.array) -> mx.array:
@@ -44,7 +46,9 @@ def gumbel_sample(probs: mx.array, noise: mx.array) -> mx.array:
     Returns int32 [...]. With independent noise per call the token is distributed exactly as
     probs (the law of `sample_token`); a one-hot row returns its hot index whatever the noise.
     """
-    raise NotImplementedError("Week 5 Day 1 Task 2: gumbel_sample — see book/src/week5-01-drafter-invariant-sampling.md")
+    raise NotImplementedError(
+        "Week 5 Day 1 Task 2: gumbel_sample — see book/src/week5-01-drafter-invariant-sampling.md"
+    )
 
 
 def seeded_generate(
@@ -64,7 +68,9 @@ def seeded_generate(
     gumbel_sample(make_probs(logits_t, temperature, top_k, top_p), gumbel_noise(seed, [t], V)[0]).
     Stops after max_tokens tokens, or right after yielding one of eos_token_ids. Yields ints.
     """
-    raise NotImplementedError("Week 5 Day 1 Task 2: seeded_generate — see book/src/week5-01-drafter-invariant-sampling.md")
+    raise NotImplementedError(
+        "Week 5 Day 1 Task 2: seeded_generate — see book/src/week5-01-drafter-invariant-sampling.md"
+    )
 
 
 def coupled_draft(
@@ -85,7 +91,9 @@ def coupled_draft(
     Returns int32 [B, K]. Cache: grows by U + K - 1 — inputs, then the drafts except the last
     (as Week 2's `draft_generation`: if accepted, the next round feeds it).
     """
-    raise NotImplementedError("Week 5 Day 1 Task 3: coupled_draft — see book/src/week5-01-drafter-invariant-sampling.md")
+    raise NotImplementedError(
+        "Week 5 Day 1 Task 3: coupled_draft — see book/src/week5-01-drafter-invariant-sampling.md"
+    )
 
 
 def verify_coupled(
@@ -105,7 +113,9 @@ def verify_coupled(
     longest prefix with d_i == y_i; tokens = [y_0, ..., y_n] (python ints, length n + 1): the
     accepted drafts, then the target's token at the first disagreement, or the bonus y_K.
     """
-    raise NotImplementedError("Week 5 Day 1 Task 3: verify_coupled — see book/src/week5-01-drafter-invariant-sampling.md")
+    raise NotImplementedError(
+        "Week 5 Day 1 Task 3: verify_coupled — see book/src/week5-01-drafter-invariant-sampling.md"
+    )
 
 
 def coupled_generate(
@@ -136,7 +146,9 @@ def coupled_generate(
     `speculative_generate`; stops at max_tokens or right after an EOS. stats: as there
     (record_round per round, plain rounds as record_round(0, 0, 1)).
     """
-    raise NotImplementedError("Week 5 Day 1 Task 4: coupled_generate — see book/src/week5-01-drafter-invariant-sampling.md")
+    raise NotImplementedError(
+        "Week 5 Day 1 Task 4: coupled_generate — see book/src/week5-01-drafter-invariant-sampling.md"
+    )
 
 
 def batched_coupled_decode(
@@ -162,13 +174,15 @@ def batched_coupled_decode(
     for every row, so the draft's catch-up inputs are rectangular [B, lag]). K = controller's
     lookahead (None: `lookahead`), at most r - 1 (r = the most tokens a live row still wants);
     K = 0 is a plain batched round (a plain first round also feeds the draft the padded prompts,
-    so that its cache is never empty). The first round prefills the padded prompts. Speculative round: row b's noise for its positions
-    t_b .. t_b + K (t_b = len of its committed sequence), `coupled_draft`, one target call on
-    [newest token, drafts], `verify_coupled` per row, `rollback_rows` by K - n_b on both caches.
-    Rows leave at EOS or max_tokens (`filter_rows`). controller.update(K, [n_b ...], ...) per
-    speculative round (draft seconds None while the draft catches up on more than 2 tokens),
-    update(0, 0, None, seconds) per plain one — observe_prefill(L, seconds) instead for a plain
-    first round, when the controller has it. stats: one record_round per
-    live row per round. Returns B lists of ints, in the order of batch_prompts.
+    so that its cache is never empty). The first round prefills the padded prompts.
+    Speculative round: row b's noise for its positions t_b .. t_b + K (t_b = the length of its
+    committed sequence), `coupled_draft`, one target call on [newest token, drafts],
+    `verify_coupled` per row, `rollback_rows` by K - n_b on both caches. Rows leave at EOS or
+    max_tokens (`filter_rows`). controller.update(K, [n_b ...], ...) per speculative round
+    (draft seconds None while the draft catches up on more than 2 tokens), update(0, 0, None,
+    seconds) per plain one — observe_prefill(L, seconds) instead for a plain first round, when
+    the controller has it. stats: one record_round per live row per round. Returns B lists of ints, in the order of batch_prompts.
     """
-    raise NotImplementedError("Week 5 Day 1 Task 5: batched_coupled_decode — see book/src/week5-01-drafter-invariant-sampling.md")
+    raise NotImplementedError(
+        "Week 5 Day 1 Task 5: batched_coupled_decode — see book/src/week5-01-drafter-invariant-sampling.md"
+    )
