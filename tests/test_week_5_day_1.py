@@ -463,7 +463,7 @@ def test_task_4_follows_the_controller_k(impl, ref, use_ref, markov_models):
     stats = SpecStats()
     out = run_coupled(impl, ref.draft.SpeculativeDecoder(draft, target, 7), [1, 2], 40, 0,
                       controller=controller, stats=stats)
-    assert len(out) == 40
+    assert len(out) == 40, f"max_tokens=40 must give 40 tokens (no EOS here), got {len(out)}"
     ks = [k for k, _ in controller.updates]
     want = [[0, 3, 0, 0, 2][i % 5] for i in range(len(ks))]
     assert ks[:-2] == want[:-2], (
