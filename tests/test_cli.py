@@ -45,9 +45,25 @@ def test_generate_sampled_is_reproducible_with_fixed_k(capsys):
     first = output_tokens(capsys.readouterr().out)
     main([*args, "--seed", "3"])
     assert output_tokens(capsys.readouterr().out) == first, "the same --seed gives the same tokens"
-    main([*args[:-1], "--seed", "3"])
+    main(args[:-1])  # no --seed: exact rejection sampling, whose tokens follow the controller's K
     assert "--no-fallback repeats exactly" in capsys.readouterr().out, (
         "sampling with the fallback controller: say that K (and so the tokens) follow timings")
+
+
+def test_generate_with_a_seed_is_the_same_text_everywhere(capsys):
+    """Week 5 Day 1: --seed with --temperature selects the coupled rule, whose text is plain
+    seeded decoding's whatever the drafter, K, batch or controller."""
+    args = ["generate", *TOY, "--max-tokens", "12", "--no-color", "--temperature", "0.8", "--seed", "5"]
+    texts = {}
+    for extra in ([], ["--no-fallback", "--k", "2"], ["--k", "7"], ["--drafter", "ngram"], ["--plain"]):
+        assert main([*args, *extra]) == 0
+        out = capsys.readouterr().out
+        assert "sampling rule: coupled" in out, out
+        texts[" ".join(extra) or "default"] = output_tokens(out)
+    assert len({tuple(t) for t in texts.values()}) == 1, f"one seed, one text: {texts}"
+    assert main([*args, "--batch", "2"]) == 0
+    row0 = capsys.readouterr().out.split("# --- row 0")[1].splitlines()[1]
+    assert row0.split("|")[1].split() == texts["default"], "row 0 of a batch samples with --seed"
 
 
 def test_generate_batch(capsys):

@@ -122,6 +122,11 @@ TASKS: tuple = tuple(
              "find_stop", "prefill_request", "Scheduler.admit", "Scheduler.step")
     + _tasks(4, 5, "benchmark", "week4-05-benchmarking",
              "time_decode", "measure_costs", "compare_to_theory", "sample_match_acceptance")
+    + _tasks(5, 1, "coupling", "week5-01-drafter-invariant-sampling",
+             "gumbel_noise",
+             ("gumbel_sample, seeded_generate", "gumbel_sample", "seeded_generate"),
+             ("coupled_draft, verify_coupled", "coupled_draft", "verify_coupled"),
+             "coupled_generate", "batched_coupled_decode")
 )
 
 _BY_KEY = {t.key: t for t in TASKS}

@@ -10,8 +10,8 @@ import time
 
 from specdec.kit.cli.common import (BUILTIN_PROMPTS, DEFAULT_PROMPT, GREEN, RESET, Models,
                                     acceptance_by_position, add_decoding_flags, blas_note,
-                                    describe_mode, fallback_off_reason, format_positions,
-                                    load_models, make_controller, make_key,
+                                    CLIError, describe_mode, fallback_off_reason, feature,
+                                    format_positions, load_models, make_controller, make_key,
                                     plain_stream, prepare, run_batched, speculative_stream)
 
 
@@ -21,7 +21,10 @@ def add_parser(sub) -> None:
     g.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to continue")
     g.add_argument("--plain", action="store_true", help="plain target decoding (no draft)")
     g.add_argument("--no-color", action="store_true", help="no ANSI colours")
-    g.set_defaults(func=run)
+    # An explicit --seed with --temperature > 0 selects the coupled rule (Week 5 Day 1): the text
+    # is plain seeded decoding's for any --k, --drafter, --batch, fallback or not. Without
+    # --seed, sampling keeps exact rejection sampling (seed 0), which accepts more.
+    g.set_defaults(func=run, seed=None)
 
 
 class Printer:
@@ -69,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
 
     from specdec.kit.stats import SpecStats
 
+    coupled = args.seed is not None and args.temperature > 0 and args.drafter != "tree"
+    args.seed = 0 if args.seed is None else args.seed
+    if coupled and args.seed + (args.batch or 1) - 1 >= 2**32:
+        raise CLIError(f"--seed {args.seed}: a seeded sampled run uses the coupled rule, whose "
+                       "noise is keyed by (seed, position) with 0 <= seed < 2**32; pick a smaller seed")
     impl, config = prepare(args)
     need_draft = not args.plain and config.drafter != "ngram"
     models = load_models(args.target, args.draft, need_draft)
@@ -77,12 +85,15 @@ def run(args: argparse.Namespace) -> int:
     mode = "plain" if args.plain else describe_mode(config, fallback_off_reason(args))
     print(f"# target {models.target_name}, draft {models.draft_name or '-'}, impl {impl.name}, "
           f"{mode}, temperature {config.temperature}")
-    if config.fallback and config.temperature > 0:
+    if coupled:
+        print(f"# sampling rule: coupled (Gumbel noise keyed by seed {config.seed} and position): the "
+              "same text for any --k, --drafter, --batch, fallback or --no-fallback, and --plain")
+    elif config.fallback and config.temperature > 0:
         print("# note: with the fallback controller, K follows timings measured as it runs, so one "
               "--seed can give other (equally distributed) tokens from run to run; --no-fallback "
               "repeats exactly")
     if args.batch:
-        return generate_batch(impl, models, config, args.prompt, key)
+        return generate_batch(impl, models, config, args.prompt, key, coupled)
 
     prompt_ids = models.encode(args.prompt)
     prompt = mx.array(prompt_ids, dtype=mx.int32)
@@ -92,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
     stats = SpecStats()
     controller = None if args.plain else make_controller(impl, config)
     start = time.perf_counter()
-    if args.plain:
+    if coupled:
+        stream = coupled_stream(impl, models, prompt, config, stats, controller, args.plain)
+    elif args.plain:
         stream = plain_stream(impl, models, prompt, config, key, models.eos_token_ids)
     else:
         stream = speculative_stream(impl, models, prompt, config, stats, key, models.eos_token_ids,
@@ -109,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"# {printer.count} tokens in {printer.count} target calls (plain decoding)")
     else:
         print_run_stats(impl, stats, config, controller)
+    print_rule(config, coupled)
     tps = printer.count / wall if wall > 0 else 0.0
     print(f"# {tps:.1f} tokens/s, wall {wall:.2f} s (prefill included); {blas_note()}")
     return 0
@@ -131,12 +145,42 @@ def print_run_stats(impl, stats, config, controller, per: str = "") -> None:
             print(f"# fallback survived: {fault}")
 
 
+def print_rule(config, coupled: bool) -> None:
+    """Which sampling rule ran (sampled runs only)."""
+    if coupled:
+        print(f"# sampling rule: coupled, seed {config.seed} (reproducible across --k, --drafter, "
+              "--batch, --plain and fallback)")
+    elif config.temperature > 0:
+        print("# sampling rule: exact rejection sampling (no --seed; with --seed S the coupled rule "
+              "makes the text reproducible)")
+
+
+def coupled_stream(impl, models: Models, prompt, config, stats, controller, plain: bool):
+    """(token, from_draft) of the coupled rule: plain seeded decoding (--plain) or coupled_generate."""
+    feature(impl, "coupling", "coupled_generate", "--seed with --temperature")
+    coupling = impl.coupling
+    eos = models.eos_token_ids
+    if plain:
+        tokens = coupling.seeded_generate(models.target, prompt, config.max_tokens, config.seed,
+                                          config.temperature, eos_token_ids=eos)
+        return ((t, False) for t in tokens)
+    if config.drafter == "ngram":
+        decoder = impl.drafters.DrafterDecoder(
+            impl.drafters.NgramDrafter(max_ngram=config.max_ngram, min_ngram=config.min_ngram),
+            models.target, lookahead=config.lookahead)
+    else:
+        decoder = impl.draft.SpeculativeDecoder(models.draft, models.target, lookahead=config.lookahead)
+    return coupling.coupled_generate(decoder, prompt, config.max_tokens, config.seed,
+                                     config.temperature, eos_token_ids=eos, controller=controller,
+                                     stats=stats)
+
+
 def batch_prompt_texts(first: str, n: int) -> list[str]:
     others = [p for p in BUILTIN_PROMPTS if p != first]
     return [first] + [others[i % len(others)] for i in range(n - 1)]
 
 
-def generate_batch(impl, models: Models, config, first_prompt: str, key) -> int:
+def generate_batch(impl, models: Models, config, first_prompt: str, key, coupled: bool = False) -> int:
     from specdec.kit.stats import SpecStats
 
     texts = batch_prompt_texts(first_prompt, config.batch_size)
@@ -144,8 +188,14 @@ def generate_batch(impl, models: Models, config, first_prompt: str, key) -> int:
     stats = SpecStats()
     controller = make_controller(impl, config)
     start = time.perf_counter()
-    outputs = run_batched(impl, models, rows, config, key, stats, models.eos_token_ids,
-                          "fallback" if controller is not None else "speculative", controller)
+    if coupled:  # row i samples with seed + i, whatever its batch-mates
+        decode = feature(impl, "coupling", "batched_coupled_decode", "--seed with --batch")
+        outputs = decode(rows, [config.seed + i for i in range(len(rows))], models.draft,
+                         models.target, config.max_tokens, config.lookahead, config.temperature,
+                         eos_token_ids=models.eos_token_ids, controller=controller, stats=stats)
+    else:
+        outputs = run_batched(impl, models, rows, config, key, stats, models.eos_token_ids,
+                              "fallback" if controller is not None else "speculative", controller)
     wall = time.perf_counter() - start
     total = 0
     for i, (prompt_ids, out) in enumerate(zip(rows, outputs)):
@@ -160,6 +210,7 @@ def generate_batch(impl, models: Models, config, first_prompt: str, key) -> int:
     # The batched loops record one round per live row per batched call: "target calls" in the
     # summary are row-rounds, so tokens/call reads per row, as in unbatched decoding.
     print_run_stats(impl, stats, config, controller, per="per row: ")
+    print_rule(config, coupled)
     print(f"# {total} tokens over {len(rows)} rows, {total / wall:.1f} tokens/s, wall {wall:.2f} s; "
           f"{blas_note()}")
     return 0
