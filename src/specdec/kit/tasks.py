@@ -126,6 +126,10 @@ TASKS: tuple = tuple(
              "find_stop", "prefill_request", "Scheduler.admit", "Scheduler.step")
     + _tasks(4, 5, "benchmark", "week4-05-benchmarking",
              "time_decode", "measure_costs", "compare_to_theory", "sample_match_acceptance")
+    + _tasks(5, 4, "layerskip", "week5-04-layer-skipping",
+             ("LayerSkipModel", "LayerSkipModel.__init__", "LayerSkipModel.__call__"),
+             "greedy_agreement", "choose_layers_to_skip",
+             ("LayerSkipDrafter", "shareable_layers", "LayerSkipDrafter.__init__"))
 )
 
 _BY_KEY = {t.key: t for t in TASKS}
