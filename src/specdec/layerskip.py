@@ -37,7 +37,7 @@ class LayerSkipModel:
         layer would be skipped (nothing would be left to run: keep at least one).
         """
         raise NotImplementedError(
-            "Week 5 Day 4 Task 1: LayerSkipModel — see book/src/week5-04-layer-skipping.md"
+            "Week 5 Day 4 Task 1: LayerSkipModel.__init__ — see book/src/week5-04-layer-skipping.md"
         )
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
@@ -48,7 +48,7 @@ class LayerSkipModel:
         comes from the first kept layer's cache (`attention_mask`).
         """
         raise NotImplementedError(
-            "Week 5 Day 4 Task 1: LayerSkipModel — see book/src/week5-04-layer-skipping.md"
+            "Week 5 Day 4 Task 1: LayerSkipModel.__call__ — see book/src/week5-04-layer-skipping.md"
         )
 
 
@@ -88,7 +88,7 @@ def shareable_layers(num_layers: int, skip: Iterable[int]) -> list[int]:
     [0, 1, ..., min(skip) - 1] (every layer when skip is empty).
     """
     raise NotImplementedError(
-        "Week 5 Day 4 Task 4: LayerSkipDrafter — see book/src/week5-04-layer-skipping.md"
+        "Week 5 Day 4 Task 4: shareable_layers — see book/src/week5-04-layer-skipping.md"
     )
 
 
@@ -103,5 +103,5 @@ class LayerSkipDrafter(ModelDrafter):
     def __init__(self, target, skip: Iterable[int]):
         """Build the skipped model (its ValueErrors pass through) and a fresh cache."""
         raise NotImplementedError(
-            "Week 5 Day 4 Task 4: LayerSkipDrafter — see book/src/week5-04-layer-skipping.md"
+            "Week 5 Day 4 Task 4: LayerSkipDrafter.__init__ — see book/src/week5-04-layer-skipping.md"
         )
