@@ -12,12 +12,12 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
-from scipy import stats as scipy_stats
 
 from specdec.kit import layers as kit_layers
 from specdec.kit.impl import get_impl
 from specdec.kit.models import tiny_llama
 from support import CallCounter, assert_close, logits_atol, mlx_lm_greedy, raises
+from test_week_3_day_3 import merged_chi_square  # one copy of the merged-cells chi-square
 
 CHAPTER = "book/src/week5-04-layer-skipping.md"
 MODEL = ("layerskip.LayerSkipModel.__init__", "layerskip.LayerSkipModel.__call__")
@@ -254,19 +254,6 @@ def test_task_4_cache_shares_exactly_the_layers_below_the_first_skip(impl, ref, 
             assert gap > 1e-2, (
                 f"kept layer {layer} lies above the skipped layer {skip[0]}: its input differs from "
                 f"the target's, so its keys must too (max gap {gap:.1e}); sharing would be wrong")
-
-
-def merged_chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
-    """Pearson chi-square p-value, merging cells expected < 5 times into one (valid asymptotics)."""
-    probs = probs.astype(np.float64) / probs.astype(np.float64).sum()
-    expected = probs * counts.sum()
-    small = expected < 5
-    obs = np.append(counts[~small], counts[small].sum())
-    exp = np.append(expected[~small], expected[small].sum())
-    keep = exp > 0
-    if (obs[~keep] > 0).any():
-        return 0.0
-    return scipy_stats.chisquare(obs[keep], exp[keep]).pvalue
 
 
 def test_task_4_sampling_follows_the_target(impl, ref, use_ref, target):
