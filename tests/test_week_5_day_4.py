@@ -313,3 +313,14 @@ def test_provided_code_lives_once_in_the_kit():
             f"{tree.__name__} must import decoder_parts from specdec.kit.layers, not copy it")
         assert issubclass(tree.LayerSkipDrafter, tree.ModelDrafter), (
             "LayerSkipDrafter is a ModelDrafter: Week 2's drafting loop, run on the skipped model")
+
+
+def test_reference_methods_can_stand_in_for_unfinished_tasks(monkeypatch):
+    """`use_reference_for_unfinished` (and `use_ref`) put the reference's methods on the student's
+    classes: the reference's LayerSkipDrafter.__init__ must work on a student instance."""
+    student, reference = get_impl("student").layerskip, get_impl("ref").layerskip
+    monkeypatch.setattr(student.LayerSkipDrafter, "__init__", reference.LayerSkipDrafter.__init__)
+    drafter = student.LayerSkipDrafter(tiny_llama(seed=5, num_layers=NUM_LAYERS), [1])
+    assert drafter.kept == (0, 2, 3) and len(drafter.cache) == 3, (
+        "the reference's LayerSkipDrafter.__init__ on a student instance: name ModelDrafter.__init__, "
+        "not super() (super() needs an instance of the reference's own class)")
