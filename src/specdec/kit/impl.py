@@ -51,6 +51,7 @@ EXERCISE_MODULES = [
     "serving",
     "benchmark",
     "coupling",
+    "layerskip",
 ]
 
 _STUB_TAG = re.compile(r"^(Week \d+ Day \d+ Task \d+): ")

@@ -127,6 +127,10 @@ TASKS: tuple = tuple(
              ("gumbel_sample, seeded_generate", "gumbel_sample", "seeded_generate"),
              ("coupled_draft, verify_coupled", "coupled_draft", "verify_coupled"),
              "coupled_generate", "batched_coupled_decode")
+    + _tasks(5, 4, "layerskip", "week5-04-layer-skipping",
+             ("LayerSkipModel", "LayerSkipModel.__init__", "LayerSkipModel.__call__"),
+             "greedy_agreement", "choose_layers_to_skip",
+             ("LayerSkipDrafter", "shareable_layers", "LayerSkipDrafter.__init__"))
 )
 
 _BY_KEY = {t.key: t for t in TASKS}
