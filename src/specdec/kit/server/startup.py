@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true", help="plain batched decoding (no draft model, K = 0)")
     p.add_argument("--no-fallback", action="store_true",
                    help="fixed K every round (default: the Week 4 Day 3 fallback controller picks K); "
-                        "seeded requests are reproducible whatever their batch-mates only with it")
+                        "a request with a seed gives the same text either way (the coupled rule)")
     p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default 8)")
     p.add_argument("--context", type=int, default=None,
                    help="context length in tokens (default: the target's max_position_embeddings)")
