@@ -24,23 +24,9 @@ from specdec.kit.impl import get_impl
 from specdec.kit.serving import COUPLED, REJECTION
 from support import mlx_lm_greedy
 from test_server_hardening import start_server, stop_server, toy, toy_text, wait_idle
+from test_week_5_day_1 import ScriptedController  # K from a script, cycled; records its updates
 
 PROMPT = [3, 9, 17, 4, 40]
-
-
-class ScriptedController:
-    """K from a script, cycled (0 = a plain round); records every update."""
-
-    def __init__(self, script: list[int]):
-        self.script, self.updates = list(script), []
-
-    @property
-    def lookahead(self) -> int:
-        return self.script[len(self.updates) % len(self.script)]
-
-    def update(self, num_drafted, num_accepted, draft_time_s=None, verify_time_s=None):
-        self.updates.append((num_drafted, num_accepted))
-        return self.lookahead
 
 
 @pytest.fixture
