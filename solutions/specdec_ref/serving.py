@@ -30,8 +30,9 @@ from specdec.kit.serving import (  # noqa: F401 — provided code, re-exported f
     draft_rows, join_caches)
 
 from .batched import SHARED_PADDING_LIMIT, filter_rows, make_batch_cache, rollback_rows  # noqa: F401
-from .sampling import make_probs, sample_token
-from .verify import verify_speculation
+# The provided half (emit, sampling_logits, the rules) looks these up here: this tree's own.
+from .sampling import make_probs, sample_token  # noqa: F401
+from .verify import verify_speculation  # noqa: F401
 
 
 # Task 1: stop strings -----------------------------------------------------------------------------

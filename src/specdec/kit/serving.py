@@ -1,13 +1,14 @@
 """Provided code of Week 4 Day 4 (serving), imported by both trees' `serving.py`.
 
-`Request`, `Event`, `join_caches`, `draft_rows`, the per-request sampling rules
-(`RejectionSampling`, `CoupledSampling`), and `SchedulerBase`: the scheduler's `__init__`,
+`Request`, `Event`, `join_caches`, `draft_rows`, the per-request sampling rules (`SamplingRule`:
+`RejectionSampling`, `CoupledSampling`), and `SchedulerBase`: the scheduler's `__init__`,
 `submit`, `next_lookahead`, `emit`, `finish`, `keep_rows`, `record_round`, `round_keys`,
-`sampling_logits`, `draft_noise` and `verify_row`. The exercise module's `Scheduler(SchedulerBase)`
-adds the tasks (`admit`, `step`); `emit`, `sampling_logits` and the rules call the exercise tree's
-own `find_stop`, `make_probs`, `sample_token`, `verify_speculation` and `coupling` functions
-(looked up in the module that defines the scheduler class, or in its package, so a test that
-stands the reference in for a task is honoured).
+`sampling_logits`, `draft_noise` and `verify_row`. The exercise module's
+`Scheduler(SchedulerBase)` adds the tasks (`admit`, `step`); `emit`, `sampling_logits` and the
+rules call the exercise tree's own `find_stop`, `make_probs`, `sample_token`,
+`verify_speculation` and `coupling` functions (looked up in the module that defines the
+scheduler class, or in its package, so a test that stands the reference in for a task is
+honoured).
 Shapes: `B` batch, `K` draft length, `V` vocabulary.
 """
 
@@ -36,19 +37,37 @@ def fold_in(key: mx.array, data: int) -> mx.array:
     return mx.random.split(mx.bitwise_xor(key, salt), 1)[0]
 
 
-class RejectionSampling:
-    """The per-request sampling rule (provided): exact speculative (rejection) sampling.
+class SamplingRule:
+    """How a sampled row draws its tokens (provided): the seam where a request's randomness is
+    decided. The scheduler asks a row's rule (`request.sampling`) for the Gumbel noise of its K
+    drafts, `draft_noise(scheduler, request, K, V) -> float [K, V]`, and for its verdict on a
+    round, `verify(scheduler, request, target_logits [K + 1, V], draft_tokens [K] | None,
+    q_draft [K, V] | None) -> (n, tokens)`. `name` is reported in each response's `speculative`
+    object; `k_invariant` says whether the row's tokens are the same for every K (if not,
+    `next_lookahead` must not cap K by the batch-mates' needs)."""
 
-    This is the seam where a request's randomness is decided; the scheduler asks a row's rule
-    (`request.sampling`) for the noise its drafts use (`draft_noise`) and to verify its round
-    (`verify`). This rule gives each sampled row its keys for one round, `round_keys(request)
+    name = "?"
+    k_invariant = False
+
+    def draft_noise(self, scheduler: "SchedulerBase", request: "Request", num_tokens: int,
+                    vocab_size: int) -> mx.array:
+        raise NotImplementedError(f"{type(self).__name__} must define draft_noise")
+
+    def verify(self, scheduler: "SchedulerBase", request: "Request", target_logits: mx.array,
+               draft_tokens: Optional[mx.array], q_draft: Optional[mx.array]) -> tuple[int, list[int]]:
+        raise NotImplementedError(f"{type(self).__name__} must define verify")
+
+
+class RejectionSampling(SamplingRule):
+    """Exact speculative (rejection) sampling, the default rule (provided).
+
+    This rule gives each sampled row its keys for one round, `round_keys(request)
     -> (draft_key, verify_key)`, derived from the request's own key (`mx.random.key(seed)`, set
     at admission) and its progress (`len(request.output)`) only — never from the round number,
     the admission order, the row index or the batch-mates. A seeded request thus replays the
     same numbers whenever it reaches the same point with the same K: its text depends on K (and
-    so on the controller). It accepts the most drafts (1 - TV per token). `name` is reported in
-    each response's `speculative` object; `k_invariant` says whether the tokens are the same
-    for every K (no: `next_lookahead` must not cap K by the batch-mates).
+    so on the controller), so it is not `k_invariant`. It accepts the most drafts (1 - TV per
+    token).
     """
 
     name = "rejection"
@@ -80,7 +99,7 @@ class RejectionSampling:
         return 0, [sample_token(make_probs(logits[-1], request.temperature), verify_key).item()]
 
 
-class CoupledSampling(RejectionSampling):
+class CoupledSampling(SamplingRule):
     """The coupled (drafter-invariant) rule of Week 5 Day 1, for seeded requests (provided).
 
     The token at absolute position t (prompt included, 0-based) is the target's Gumbel-max
@@ -153,7 +172,7 @@ class Request:
     request_id: str = ""
     top_p: float = 1.0
     logprobs: Optional[int] = None
-    sampling: RejectionSampling = REJECTION
+    sampling: SamplingRule = REJECTION
     output: list[int] = field(default_factory=list)
     text_sent: int = 0
     finish_reason: Optional[str] = None
@@ -340,9 +359,10 @@ class SchedulerBase:
         return max(1, min(wanted, need - 1))
 
     def round_keys(self, request: Request) -> tuple[mx.array, mx.array]:
-        """(draft key, verify key) of a sampled row for this round (provided): its sampling
-        rule's `round_keys`, derived from its seed and its progress only."""
-        return request.sampling.round_keys(request)
+        """(draft key, verify key) of a sampled row for this round (provided): what the
+        rejection rule draws with (`RejectionSampling.round_keys`), derived from its seed and
+        its progress only."""
+        return REJECTION.round_keys(request)
 
     def draft_noise(self, request: Request, num_tokens: int) -> Optional[mx.array]:
         """The Gumbel noise of a row's drafts this round (provided): float [K, V] from its
