@@ -756,3 +756,44 @@ def test_task_4_a_failing_row_fails_alone(impl, use_ref, llama_models):
         assert r.output == mlx_lm_greedy(target, r.prompt, 10) and finishes[id(r)] == "length", (
             "one failing request never fails another: its batch-mates must finish with their solo "
             f"greedy output; {r.prompt} got {r.output} ({finishes.get(id(r))})")
+
+
+COUPLING = ("coupling.gumbel_noise", "coupling.gumbel_sample", "coupling.seeded_generate",
+            "coupling.coupled_draft", "coupling.verify_coupled")
+
+
+def test_task_4_coupled_rows_are_plain_seeded_decoding(impl, use_ref, ref, markov_serving_models):
+    """A row with the coupled rule (a seeded server request) gets exactly `seeded_generate`'s
+    tokens, whatever K the controller picks (0 included) and whoever shares its batch; an
+    identical draft with the row's own noise is always accepted. The Markov pair's logits are
+    table lookups, exact on every backend."""
+    use_ref(*EARLIER_TASKS, TASK_1, TASK_2, TASK_3, *COUPLING)
+    draft, target = markov_serving_models
+    S = impl.serving
+    seeds, T = [3, 77, 2024], 0.9
+    want = {s: list(ref.coupling.seeded_generate(target, mx.array([4, 7]), 25, s, temperature=T))
+            for s in seeds}
+    for script in ([3], [0, 2, 4, 0, 1]):
+        scheduler = S.Scheduler(target, draft, lookahead=4, max_batch=8,
+                                controller=ScriptedController(list(script)))
+        mine = [S.Request([4, 7], max_tokens=25, temperature=T, seed=s, sampling=S.COUPLED) for s in seeds]
+        mates = [S.Request([1, 2, 3], max_tokens=9, temperature=0.7, seed=5),  # rejection sampling
+                 S.Request([9], max_tokens=30),  # greedy
+                 S.Request([6, 6], max_tokens=12, temperature=1.3, top_p=0.8, seed=8, sampling=S.COUPLED)]
+        run_all(scheduler, {0: mine[:1] + mates[:1], 2: mine[1:], 3: mates[1:]})
+        for s, r in zip(seeds, mine):
+            assert r.output == want[s], (
+                f"a coupled row (seed {s}, K script {script}, with batch-mates) must emit exactly the "
+                f"tokens of plain seeded decoding {want[s]}, got {r.output}. Verify every row with "
+                "self.verify_row(request, target_logits[b], draft_tokens[b], q_draft[b]) — it asks the "
+                "row's sampling rule — never verify_speculation or sample_token directly")
+        assert mates[1].output == mlx_lm_greedy(target, [9], 30), (
+            "a greedy row beside coupled rows must stay exactly greedy")
+    scheduler = S.Scheduler(target, target, lookahead=3, max_batch=4)
+    same = S.Request([4, 7], max_tokens=13, temperature=T, seed=11, sampling=S.COUPLED)
+    run_all(scheduler, {0: [same, S.Request([5], max_tokens=13, temperature=0.8, seed=2)]})
+    assert same.stats.drafted > 0 and same.stats.accepted == same.stats.drafted, (
+        f"with the target as its own draft a coupled row must accept every draft, accepted "
+        f"{same.stats.accepted}/{same.stats.drafted}: draft row b with noise b = "
+        "self.draft_noise(request, K), the same noise its rule verifies with (draft noise different "
+        "from the target's?)")

@@ -12,9 +12,10 @@ target cache holds C[:-1], the draft cache holds C[:-2]. A row that joins must a
 state, so every round feeds the target 1 unseen token per row and the draft 2.
 
 Provided code lives in `specdec.kit.serving` and is re-exported here: `Request`, `Event`,
-`PAD_ID`, `join_caches`, `draft_rows`, the sampling rule (`RejectionSampling`), and
-`SchedulerBase` — the scheduler's `__init__`, `submit`, `next_lookahead`, `round_keys`,
-`sampling_logits`, `emit`, `finish`, `keep_rows` and `record_round`. Read them first.
+`PAD_ID`, `join_caches`, `draft_rows`, the sampling rules (`RejectionSampling`, and the
+coupled rule `CoupledSampling` of Week 5 Day 1 for seeded requests), and `SchedulerBase` — the
+scheduler's `__init__`, `submit`, `next_lookahead`, `round_keys`, `sampling_logits`,
+`draft_noise`, `verify_row`, `emit`, `finish`, `keep_rows` and `record_round`. Read them first.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from typing import Optional, Sequence
 import mlx.core as mx
 
 from specdec.kit.serving import (  # noqa: F401 — provided code, re-exported for both trees
-    PAD_ID, REJECTION, Event, RejectionSampling, Request, SchedulerBase, draft_rows, join_caches)
+    COUPLED, PAD_ID, REJECTION, CoupledSampling, Event, RejectionSampling, Request, SchedulerBase,
+    draft_rows, join_caches)
 
 from .batched import SHARED_PADDING_LIMIT, filter_rows, make_batch_cache, rollback_rows  # noqa: F401
-from .sampling import make_probs, sample_token
-from .verify import verify_speculation
+# The provided half (emit, sampling_logits, the rules) looks these up here: this tree's own.
+from .sampling import make_probs, sample_token  # noqa: F401
+from .verify import verify_speculation  # noqa: F401
 
 
 # Task 1: stop strings -----------------------------------------------------------------------------
@@ -148,16 +151,16 @@ class Scheduler(SchedulerBase):
         2. K = `next_lookahead()`. Each row's unseen tokens are the last two of C = prompt +
            output, [PAD_ID, C[0]] when C has one token: the draft gets both [B, 2], the target
            the last [B, 1].
-        3. Keys: a row with temperature > 0 takes this round's (draft key, verify key) from
-           `self.round_keys(request)` — derived from its seed and its progress only, never from
-           the round, its row or the admission order; greedy rows use none.
-           K > 0: `draft_rows` (per-row temperatures and draft keys), one target call on
-           [unseen, drafts], then per row `verify_speculation` on its K + 1 logits with its own
-           temperature and verify key. K = 0 (plain round): the draft, if any, is fed the first
-           of the two unseen tokens [B, 1] (so it keeps holding C[:-2]); one target call; each
-           row takes argmax (greedy) or `sample_token(make_probs(logits, t), verify key)`.
-           A sampled row verifies and samples with `self.sampling_logits(request, logits)` (its
-           top_p), never the raw logits.
+        3. Randomness is the row's own, decided by its sampling rule (`request.sampling`,
+           provided): never by the round, its row or the admission order.
+           K > 0: `draft_rows` with per-row temperatures and noises, noise b =
+           `self.draft_noise(request, K)` (None for a greedy row); one target call on [unseen,
+           drafts]; then per row `self.verify_row(request, target_logits[b], draft_tokens[b],
+           q_draft[b])` -> (n, tokens). K = 0 (plain round): the draft, if any, is fed the first
+           of the two unseen tokens [B, 1] (so it keeps holding C[:-2]); one target call; per
+           row `self.verify_row(request, target_logits[b])` (n = 0, one token). verify_row
+           handles greedy rows, top_p, rejection sampling and the coupled rule of seeded
+           requests: never call verify_speculation or sample_token yourself.
         4. Per row: `emit(request, tokens, target_logits[b])` (append its Event if not None) and
            `request.stats.record_round(K, n, emitted)` and the batch stats too
            (`self.stats.record_round`), where emitted = how many tokens emit appended to
@@ -170,7 +173,10 @@ class Scheduler(SchedulerBase):
            >= SHARED_PADDING_LIMIT columns, `filter_rows(cache, all rows)` slices them off.
         5. `record_round(K, [n_i], draft seconds, verify seconds)` (n_i = 0 for a failed row).
         Returns the events of this step. At temperature 0 every request's output is exactly
-        its solo greedy output, whatever joined or left its batch and when.
+        its solo greedy output, whatever joined or left its batch and when; a request with the
+        coupled rule (`sampling=COUPLED`) gets exactly the tokens of plain seeded decoding
+        (`coupling.seeded_generate` with its seed, temperature and top_p), whatever K each round
+        used, its drafts and its batch-mates.
         """
         events = self.admit()
         live = [b for b, r in enumerate(self.rows) if not r.cancelled]
@@ -184,17 +190,13 @@ class Scheduler(SchedulerBase):
         K = self.next_lookahead()
         sequences = [r.prompt + r.output for r in self.rows]
         unseen = mx.array([([PAD_ID] + s)[-2:] for s in sequences], dtype=mx.int32)  # [B, 2]
-        draft_keys, verify_keys = [], []
-        for r in self.rows:
-            key_draft, key_verify = self.round_keys(r) if r.temperature > 0 else (None, None)
-            draft_keys.append(key_draft)
-            verify_keys.append(key_verify)
+        noises = [self.draft_noise(r, K) for r in self.rows]  # [K, V] per sampled row, else None
 
         start = time.perf_counter()
         if K > 0:
             temperatures = [r.temperature for r in self.rows]
             draft_tokens, q_draft = draft_rows(
-                self.draft_model, self.draft_cache, unseen, K, temperatures, draft_keys)
+                self.draft_model, self.draft_cache, unseen, K, temperatures, noises)
             mx.eval(draft_tokens, q_draft)
             inputs = mx.concatenate([unseen[:, 1:], draft_tokens], axis=1)
         else:
@@ -209,15 +211,10 @@ class Scheduler(SchedulerBase):
         keep, drops, accepted = [], [], []
         for b, r in enumerate(self.rows):
             try:
-                logits = self.sampling_logits(r, target_logits[b])  # [K + 1, V]
                 if K > 0:
-                    n, new_tokens = verify_speculation(
-                        draft_tokens[b], logits, q_draft[b], r.temperature, verify_keys[b])
-                elif r.temperature > 0:
-                    probs = make_probs(logits[-1], r.temperature)
-                    n, new_tokens = 0, [sample_token(probs, verify_keys[b]).item()]
+                    n, new_tokens = self.verify_row(r, target_logits[b], draft_tokens[b], q_draft[b])
                 else:
-                    n, new_tokens = 0, [mx.argmax(logits[-1]).item()]
+                    n, new_tokens = self.verify_row(r, target_logits[b])
                 before = len(r.output)
                 event = self.emit(r, new_tokens, target_logits[b])
             except Exception as error:  # noqa: BLE001 — the request fails, its batch-mates do not

@@ -1,16 +1,20 @@
 """Provided code of Week 4 Day 4 (serving), imported by both trees' `serving.py`.
 
-`Request`, `Event`, `join_caches`, `draft_rows`, the per-request sampling rule, and
-`SchedulerBase`: the scheduler's `__init__`, `submit`, `next_lookahead`, `emit`, `finish`,
-`keep_rows`, `record_round`, `round_keys` and `sampling_logits`. The exercise module's
-`Scheduler(SchedulerBase)` adds the tasks (`admit`, `step`); `emit` and `sampling_logits` call
-the exercise tree's own `find_stop` and `make_probs` (looked up in the module that defines the
-scheduler class, so a test that stands the reference in for a task is honoured).
+`Request`, `Event`, `join_caches`, `draft_rows`, the per-request sampling rules (`SamplingRule`:
+`RejectionSampling`, `CoupledSampling`), and `SchedulerBase`: the scheduler's `__init__`,
+`submit`, `next_lookahead`, `emit`, `finish`, `keep_rows`, `record_round`, `round_keys`,
+`sampling_logits`, `draft_noise` and `verify_row`. The exercise module's
+`Scheduler(SchedulerBase)` adds the tasks (`admit`, `step`); `emit`, `sampling_logits` and the
+rules call the exercise tree's own `find_stop`, `make_probs`, `sample_token`,
+`verify_speculation` and `coupling` functions (looked up in the module that defines the
+scheduler class, or in its package, so a test that stands the reference in for a task is
+honoured).
 Shapes: `B` batch, `K` draft length, `V` vocabulary.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 from collections import deque
@@ -33,19 +37,41 @@ def fold_in(key: mx.array, data: int) -> mx.array:
     return mx.random.split(mx.bitwise_xor(key, salt), 1)[0]
 
 
-class RejectionSampling:
-    """The per-request sampling rule (provided): exact speculative (rejection) sampling.
+class SamplingRule:
+    """How a sampled row draws its tokens (provided): the seam where a request's randomness is
+    decided. The scheduler asks a row's rule (`request.sampling`) for the Gumbel noise of its K
+    drafts, `draft_noise(scheduler, request, K, V) -> float [K, V]`, and for its verdict on a
+    round, `verify(scheduler, request, target_logits [K + 1, V], draft_tokens [K] | None,
+    q_draft [K, V] | None) -> (n, tokens)`. `name` is reported in each response's `speculative`
+    object; `k_invariant` says whether the row's tokens are the same for every K (if not,
+    `next_lookahead` must not cap K by the batch-mates' needs)."""
 
-    This is the seam where a request's randomness is decided. A rule gives each sampled row its
-    keys for one round, `round_keys(request) -> (draft_key, verify_key)`, derived from the
-    request's own key (`mx.random.key(seed)`, set at admission) and its progress
-    (`len(request.output)`) only — never from the round number, the admission order, the row
-    index or the batch-mates. A seeded request thus replays the same numbers whenever it reaches
-    the same point with the same K. Week 5 Day 1 adds a coupled rule here whose tokens do not
-    depend on K either; `name` is reported in each response's `speculative` object.
+    name = "?"
+    k_invariant = False
+
+    def draft_noise(self, scheduler: "SchedulerBase", request: "Request", num_tokens: int,
+                    vocab_size: int) -> mx.array:
+        raise NotImplementedError(f"{type(self).__name__} must define draft_noise")
+
+    def verify(self, scheduler: "SchedulerBase", request: "Request", target_logits: mx.array,
+               draft_tokens: Optional[mx.array], q_draft: Optional[mx.array]) -> tuple[int, list[int]]:
+        raise NotImplementedError(f"{type(self).__name__} must define verify")
+
+
+class RejectionSampling(SamplingRule):
+    """Exact speculative (rejection) sampling, the default rule (provided).
+
+    This rule gives each sampled row its keys for one round, `round_keys(request)
+    -> (draft_key, verify_key)`, derived from the request's own key (`mx.random.key(seed)`, set
+    at admission) and its progress (`len(request.output)`) only — never from the round number,
+    the admission order, the row index or the batch-mates. A seeded request thus replays the
+    same numbers whenever it reaches the same point with the same K: its text depends on K (and
+    so on the controller), so it is not `k_invariant`. It accepts the most drafts (1 - TV per
+    token).
     """
 
     name = "rejection"
+    k_invariant = False
 
     def round_keys(self, request: "Request") -> tuple[mx.array, mx.array]:
         if request.key is None:
@@ -54,8 +80,66 @@ class RejectionSampling:
         draft_key, verify_key = mx.random.split(fold_in(request.key, len(request.output)))
         return draft_key, verify_key
 
+    def draft_noise(self, scheduler: "SchedulerBase", request: "Request", num_tokens: int,
+                    vocab_size: int) -> mx.array:
+        """Gumbel noise float [K, V] for a sampled row's K drafts, from this round's draft key."""
+        return mx.random.gumbel((num_tokens, vocab_size), key=self.round_keys(request)[0])
+
+    def verify(self, scheduler: "SchedulerBase", request: "Request", target_logits: mx.array,
+               draft_tokens: Optional[mx.array], q_draft: Optional[mx.array]) -> tuple[int, list[int]]:
+        """(n, tokens) of a sampled row: the tree's `verify_speculation` (K > 0) or one
+        `sample_token` (K = 0) on `scheduler.sampling_logits(request, target_logits)`, with this
+        round's verify key."""
+        verify_key = self.round_keys(request)[1]
+        logits = scheduler.sampling_logits(request, target_logits)  # [K + 1, V]
+        if draft_tokens is not None and draft_tokens.shape[0] > 0:
+            verify_speculation = _tree_function(scheduler, "verify_speculation")
+            return verify_speculation(draft_tokens, logits, q_draft, request.temperature, verify_key)
+        make_probs, sample_token = (_tree_function(scheduler, f) for f in ("make_probs", "sample_token"))
+        return 0, [sample_token(make_probs(logits[-1], request.temperature), verify_key).item()]
+
+
+class CoupledSampling(SamplingRule):
+    """The coupled (drafter-invariant) rule of Week 5 Day 1, for seeded requests (provided).
+
+    The token at absolute position t (prompt included, 0-based) is the target's Gumbel-max
+    sample with the noise `coupling.gumbel_noise(seed, [t], V)`: the row's drafts use the same
+    noise (`draft_noise`), and `coupling.verify_coupled` keeps a draft exactly when it equals the
+    target's own token. Every emitted token is then the token of plain seeded decoding,
+    `coupling.seeded_generate(target, prompt, max_tokens, seed, temperature, top_p=top_p)`,
+    whatever the drafts, K, the controller, the row or the batch-mates (up to the float
+    differences of batched and solo model calls, which can flip a near-tie). It accepts fewer
+    drafts than rejection sampling: at least (1 - TV) / (1 + TV) per token. Needs
+    0 <= seed < 2**32 (ValueError otherwise, from `gumbel_noise`).
+    """
+
+    name = "coupled"
+    k_invariant = True
+
+    def draft_noise(self, scheduler: "SchedulerBase", request: "Request", num_tokens: int,
+                    vocab_size: int) -> mx.array:
+        """Gumbel noise float [K, V] of the positions of the row's next K tokens."""
+        t = len(request.prompt) + len(request.output)
+        coupling = _tree_module(scheduler, "coupling")
+        return coupling.gumbel_noise(request.seed, range(t, t + num_tokens), vocab_size)
+
+    def verify(self, scheduler: "SchedulerBase", request: "Request", target_logits: mx.array,
+               draft_tokens: Optional[mx.array], q_draft: Optional[mx.array]) -> tuple[int, list[int]]:
+        """(n, tokens) of the tree's `verify_coupled` on the raw target logits [K + 1, V], with
+        the noise of positions t .. t + K and the row's temperature and top_p (K = 0: no
+        drafts, one token: the plain seeded one)."""
+        coupling = _tree_module(scheduler, "coupling")
+        t = len(request.prompt) + len(request.output)
+        K = target_logits.shape[0] - 1
+        noise = coupling.gumbel_noise(request.seed, range(t, t + K + 1), target_logits.shape[-1])
+        if draft_tokens is None:
+            draft_tokens = mx.zeros((0,), dtype=mx.int32)
+        return coupling.verify_coupled(draft_tokens, target_logits, noise, request.temperature,
+                                       0, request.top_p)
+
 
 REJECTION = RejectionSampling()
+COUPLED = CoupledSampling()
 
 
 @dataclass
@@ -67,7 +151,9 @@ class Request:
     temperature > 0), so a request's tokens never depend on which other requests share its
     batch. stop: strings that end the completion (not returned). logprobs: None, or how many
     top alternatives (0..20) to report with the log-probability of each emitted token.
-    sampling: the per-request sampling rule (`RejectionSampling`).
+    sampling: the per-request sampling rule: `REJECTION` (exact rejection sampling, the default)
+    or `COUPLED` (`CoupledSampling`: the text of plain seeded decoding whatever K or the drafts;
+    the server picks it for a request that gives its seed and samples).
     Progress, written by the scheduler: output (token ids so far, EOS included), text_sent (how
     many characters of the decoded output were emitted), finish_reason (None while running, else
     "stop" | "length" | "cancelled" | "error"), error (a message when finish_reason is "error"),
@@ -86,7 +172,7 @@ class Request:
     request_id: str = ""
     top_p: float = 1.0
     logprobs: Optional[int] = None
-    sampling: RejectionSampling = REJECTION
+    sampling: SamplingRule = REJECTION
     output: list[int] = field(default_factory=list)
     text_sent: int = 0
     finish_reason: Optional[str] = None
@@ -127,21 +213,26 @@ def join_caches(running: Optional[list], new: Optional[list]) -> Optional[list]:
 
 def draft_rows(
     draft_model, cache: list, inputs: mx.array, num_tokens: int,
-    temperatures: list[float], keys: list[Optional[mx.array]],
+    temperatures: list[float], noises: list[Optional[mx.array]],
 ) -> tuple[mx.array, mx.array]:
-    """Week 3's `draft_batch` with one temperature and one key per row (provided).
+    """Week 3's `draft_batch` with one temperature and one noise per row (provided).
 
-    inputs: int [B, U]. Row b is greedy (temperature 0, q one-hot) or sampled from
-    make_probs(logits, temperatures[b]) with Gumbel noise drawn from keys[b] only, so a row's
-    drafts never depend on its batch-mates. Returns (draft_tokens int32 [B, K], q_draft [B, K, V]).
+    inputs: int [B, U]. Row b is greedy (temperature 0, q one-hot; noises[b] unused, may be
+    None) or sampled from make_probs(logits, temperatures[b]) by Gumbel-max with noises[b],
+    float [K, V] (its rule's `draft_noise`), so a row's drafts never depend on its batch-mates.
+    Returns (draft_tokens int32 [B, K], q_draft [B, K, V]).
     """
     sampled = [t > 0 for t in temperatures]
     noise = None
     if any(sampled):
+        missing = [b for b, (s, n) in enumerate(zip(sampled, noises)) if s and n is None]
+        if missing:
+            raise ValueError(f"row {missing[0]} samples (temperature {temperatures[missing[0]]}) but "
+                             "has no noise: pass self.draft_noise(request, K) for every row")
         V = model_vocab_size(draft_model)
         noise = mx.stack([
-            mx.random.gumbel((num_tokens, V), key=k) if s else mx.zeros((num_tokens, V))
-            for s, k in zip(sampled, keys)
+            n.astype(mx.float32) if s else mx.zeros((num_tokens, V))
+            for s, n in zip(sampled, noises)
         ], axis=1)  # [K, B, V]
         scale = mx.array([t if t > 0 else 1.0 for t in temperatures])[:, None]
         is_sampled = mx.array(sampled)[:, None]
@@ -170,6 +261,20 @@ def _tree_function(obj, name: str) -> Callable:
             return getattr(module, name)
     raise AttributeError(f"no {name} in the modules of {type(obj).__name__}: subclass SchedulerBase "
                          f"in a module that defines or imports {name}")
+
+
+def _tree_module(obj, name: str):
+    """The exercise module `name` of the tree that obj's class (or a base class) comes from."""
+    for cls in type(obj).__mro__:
+        package = getattr(sys.modules.get(cls.__module__), "__package__", None)
+        if package and cls.__module__ != __name__:
+            try:
+                return importlib.import_module(f"{package}.{name}")
+            except ModuleNotFoundError as e:
+                if e.name != f"{package}.{name}":
+                    raise
+    raise AttributeError(f"no exercise module {name!r} next to {type(obj).__name__}: subclass "
+                         "SchedulerBase in a tree (specdec or specdec_ref) that has it")
 
 
 class SchedulerBase:
@@ -208,8 +313,9 @@ class SchedulerBase:
         """Queue a request (provided; safe to call from another thread than `step`).
 
         ValueError naming the field: empty prompt, max_tokens < 1, temperature not a finite
-        number >= 0, top_p not in (0, 1], logprobs not None or in [0, 20], an empty stop string,
-        stop strings without a `decode` function.
+        number >= 0, top_p not in (0, 1], logprobs not None or in [0, 20], a seed outside
+        [0, 2**32) for the coupled rule at temperature > 0, an empty stop string, stop strings
+        without a `decode` function.
         """
         if len(request.prompt) == 0:
             raise ValueError("prompt is empty: a request needs at least one token")
@@ -223,6 +329,9 @@ class SchedulerBase:
             raise ValueError(f"logprobs must be None or in [0, {TOP_LOGPROBS_MAX}], got {request.logprobs}")
         if any(not s for s in request.stop):
             raise ValueError("stop contains an empty string: every stop string needs >= 1 character")
+        if request.temperature > 0 and request.sampling.k_invariant and not 0 <= request.seed < 2**32:
+            raise ValueError(f"seed {request.seed} is out of range for the {request.sampling.name} rule, "
+                             "whose noise is keyed by (seed, position): pick 0 <= seed < 2**32")
         if request.stop and self.decode is None:
             raise ValueError("stop strings need text: give the Scheduler a decode function")
         self.waiting.append(request)
@@ -236,22 +345,53 @@ class SchedulerBase:
         """K for the next round (provided): 0 without a draft model or when the controller says
         0 (a plain round); else the controller's (or the fixed) lookahead, at least 1, and
         capped at r - 1 where r is the most tokens a running row still needs — unless a running
-        row samples (temperature > 0): its draws depend on K, and K must not depend on its
-        batch-mates, so such a batch is not capped (a few draft tokens are wasted at its end)."""
+        row samples (temperature > 0) with a rule whose draws depend on K (rejection sampling):
+        K must not depend on its batch-mates, so such a batch is not capped (a few draft tokens
+        are wasted at its end). Coupled rows give the same tokens for every K."""
         if self.draft_model is None or not self.rows:
             return 0
         wanted = self.controller.lookahead if self.controller is not None else self.lookahead
         if wanted <= 0:
             return 0
-        if any(r.temperature > 0 for r in self.rows):
+        if any(r.temperature > 0 and not r.sampling.k_invariant for r in self.rows):
             return wanted
         need = max(r.max_tokens - len(r.output) for r in self.rows)
         return max(1, min(wanted, need - 1))
 
     def round_keys(self, request: Request) -> tuple[mx.array, mx.array]:
-        """(draft key, verify key) of a sampled row for this round (provided): its sampling
-        rule's `round_keys`, derived from its seed and its progress only."""
-        return request.sampling.round_keys(request)
+        """(draft key, verify key) of a sampled row for this round (provided): what the
+        rejection rule draws with (`RejectionSampling.round_keys`), derived from its seed and
+        its progress only."""
+        return REJECTION.round_keys(request)
+
+    def draft_noise(self, request: Request, num_tokens: int) -> Optional[mx.array]:
+        """The Gumbel noise of a row's drafts this round (provided): float [K, V] from its
+        sampling rule (`request.sampling.draft_noise`), None for a greedy row (temperature 0)
+        or K = 0. Pass one per row to `draft_rows`."""
+        if request.temperature <= 0 or num_tokens <= 0:
+            return None
+        return request.sampling.draft_noise(self, request, num_tokens, model_vocab_size(self.target_model))
+
+    def verify_row(self, request: Request, target_logits: mx.array,
+                   draft_tokens: Optional[mx.array] = None,
+                   q_draft: Optional[mx.array] = None) -> tuple[int, list[int]]:
+        """One row's verdict on its round (provided): (n, tokens), n accepted drafts and the
+        n + 1 tokens to emit (python ints).
+
+        target_logits: float [K + 1, V], this row's raw target logits (`target_logits[b]`).
+        draft_tokens: int [K] and q_draft: float [K, V], this row's rows of `draft_rows`; None
+        (both) in a plain round (K = 0). A greedy row (temperature 0): the tree's
+        `verify_speculation` at temperature 0, or the argmax when K = 0. A sampled row: its
+        sampling rule's `verify` (`request.sampling`): rejection sampling (the tree's
+        `verify_speculation` / `sample_token` with the keys of `round_keys`, on
+        `sampling_logits`), or the coupled rule (`coupling.verify_coupled`).
+        """
+        if request.temperature > 0:
+            return request.sampling.verify(self, request, target_logits, draft_tokens, q_draft)
+        if draft_tokens is not None and draft_tokens.shape[0] > 0:
+            verify_speculation = _tree_function(self, "verify_speculation")
+            return verify_speculation(draft_tokens, target_logits, q_draft, 0.0, None)
+        return 0, [mx.argmax(target_logits[-1]).item()]
 
     def sampling_logits(self, request: Request, logits: mx.array) -> mx.array:
         """The target logits a sampled row verifies or samples with (provided).

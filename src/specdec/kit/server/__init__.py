@@ -11,7 +11,11 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions (the tokenizer's chat template, or
 --chat-template; 400 without one), GET /v1/models, GET /health, GET /metrics (Prometheus text).
 `stream: true` answers with Server-Sent Events, one chunk per scheduler step that produced text.
-Every response carries `usage` and a `speculative` object (the last chunk, when streaming).
+Every response carries `usage` and a `speculative` object (the last chunk, when streaming);
+its `sampling` says which rule ran: "greedy" (temperature 0), "coupled" (a request that gives
+its `seed`: exactly the text of plain seeded decoding, `coupling.seeded_generate`, whatever K,
+the controller or the batch-mates) or "rejection" (no seed: exact rejection sampling, which
+accepts more drafts).
 
 The package, by concern: `codec` (tokenizers), `validation` (bytes -> a checked request, or a
 400 naming the field), `engine` (one background thread drives `Scheduler.step()`), `metrics`

@@ -21,6 +21,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from specdec.kit.serving import COUPLED, REJECTION
+
 from .engine import Engine
 from .metrics import Metrics, speculative_summary
 from .validation import APIError, Limits, Parsed, Validator
@@ -241,6 +243,9 @@ def build_app(engine: Engine, validator: Validator, metrics: Metrics, model_name
         request = request_class(
             parsed.prompt, max_tokens=parsed.max_tokens, temperature=parsed.temperature,
             seed=parsed.seed, stop=tuple(parsed.stop), top_p=parsed.top_p, logprobs=parsed.logprobs,
+            # A client's seed at temperature > 0 means a text: the coupled rule (Week 5 Day 1)
+            # gives plain seeded decoding's tokens whatever K, the drafts or the batch-mates.
+            sampling=COUPLED if parsed.seeded and parsed.temperature > 0 else REJECTION,
             request_id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24])
         queue = engine.submit(request)
         kind = "chat.completion" if chat else "text_completion"

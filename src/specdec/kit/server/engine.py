@@ -20,8 +20,9 @@ from .validation import APIError
 class Engine:
     """Owns the scheduler; `step()` runs in one background thread, events go back to asyncio."""
 
-    def __init__(self, make_scheduler, metrics: Metrics, max_queue: int = 64):
+    def __init__(self, make_scheduler, metrics: Metrics, max_queue: int = 64, device=None):
         self.make_scheduler = make_scheduler
+        self.device = device  # an mx.Device for the scheduler thread (None: MLX's default)
         self.scheduler = make_scheduler()
         self.metrics = metrics
         self.max_queue = max_queue
@@ -81,6 +82,10 @@ class Engine:
             pass
 
     def run(self) -> None:
+        if self.device is not None:
+            import mlx.core as mx
+
+            mx.set_default_device(self.device)
         while not self.stopping:
             if not self.scheduler.has_work:
                 self.wake.wait(0.5)

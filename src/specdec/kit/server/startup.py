@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true", help="plain batched decoding (no draft model, K = 0)")
     p.add_argument("--no-fallback", action="store_true",
                    help="fixed K every round (default: the Week 4 Day 3 fallback controller picks K); "
-                        "seeded requests are reproducible whatever their batch-mates only with it")
+                        "a request with a seed gives the same text either way (the coupled rule)")
     p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default 8)")
     p.add_argument("--context", type=int, default=None,
                    help="context length in tokens (default: the target's max_position_embeddings)")
@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-alive", type=int, default=5,
                    help="seconds an idle kept-alive connection stays open (default 5)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
+    p.add_argument("--device", choices=["default", "cpu", "gpu"], default="default",
+                   help="where the models run (default: MLX's default device). A GPU may compute "
+                        "float32 matmuls in lower precision, which can flip a near-tie between a "
+                        "batched and a solo call: cpu keeps seeded texts identical everywhere")
     return p
 
 
@@ -244,6 +248,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .validation import Limits, Validator
 
     impl = get_impl(args.impl, fallback=True)
+    device = None
+    if args.device != "default":
+        import mlx.core as mx
+
+        device = getattr(mx, args.device)
+        mx.set_default_device(device)
     try:
         target, draft, codec, context = load(args)
     except (FileNotFoundError, ValueError) as e:
@@ -260,7 +270,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     limits = Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_stop, args.max_stop_length)
     metrics = Metrics()
-    engine = Engine(make_scheduler, metrics, max_queue=args.max_queue)
+    engine = Engine(make_scheduler, metrics, max_queue=args.max_queue, device=device)
     validator = Validator(codec, name, model_vocab_size(target), context, args.chat_max_tokens, limits)
     security = Security(args.api_key, allowed_hosts(args), list(args.allowed_origins))
     app = build_app(engine, validator, metrics, name, impl.serving.Request, security, args.body_timeout)

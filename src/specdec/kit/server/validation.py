@@ -24,6 +24,7 @@ MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
 # ~1e-4 of each other, and z / T overflows float32 near T = 1e-37: such a request is greedy.
 MIN_TEMPERATURE = 1e-5
 SEED_BOUND = 2**63  # seeds are integers in [-2**63, 2**63)
+COUPLED_SEED_BOUND = 2**32  # a seeded sampled request (the coupled rule) takes 0 <= seed < 2**32
 COMPLETION_LOGPROBS_MAX = 5  # OpenAI's bound for /v1/completions' integer `logprobs`
 
 # Fields that change nothing at their neutral value are accepted there and refused otherwise.
@@ -209,6 +210,10 @@ class Validator:
             seed = random.getrandbits(31)
         elif not _is_int(seed) or not -SEED_BOUND <= seed < SEED_BOUND:
             raise APIError(400, f"seed must be an integer in [-2**63, 2**63), got {seed!r}"[:300], "seed")
+        elif temperature > 0 and not 0 <= seed < COUPLED_SEED_BOUND:
+            raise APIError(400, f"seed {seed} is out of range: a seeded sampled request uses the coupled "
+                           "rule (the text of plain seeded decoding), whose noise is keyed by seed and "
+                           "position; pick 0 <= seed < 2**32", "seed")
         stop = body.get("stop") or []
         if isinstance(stop, str):
             stop = [stop]
