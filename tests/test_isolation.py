@@ -20,8 +20,10 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import re
+import resource
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +65,8 @@ class Run:
 def _run(args: list, command: str) -> Run:
     try:
         done = subprocess.run([sys.executable, "-m", "pytest", *args, "-v", *FAST], cwd=ROOT,
-                              capture_output=True, text=True, timeout=TIMEOUT_S)
+                              capture_output=True, text=True, timeout=TIMEOUT_S,
+                              env={**os.environ, "COLUMNS": "400"})  # whole failure lines
     except subprocess.TimeoutExpired as e:
         return Run(command, -1, f"timed out after {TIMEOUT_S} s\n{e.stdout or ''}")
     return Run(command, done.returncode, done.stdout + done.stderr)
@@ -81,9 +84,15 @@ def runs(request):
     for test_file in sorted({task.test_file for task in TASKS}):
         jobs[("isolated", test_file)] = ([test_file, "--impl", "student", "--isolate"],
                                          f"pytest {test_file} --impl student --isolate")
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
         futures = {key: pool.submit(_run, *job) for key, job in jobs.items()}
-        return {key: future.result() for key, future in futures.items()}
+        results = {key: future.result() for key, future in futures.items()}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    print(f"\nisolation: {len(jobs)} pytest runs, {WORKERS} at a time: {time.perf_counter() - start:.0f} s "
+          f"wall, {cpu:.0f} s CPU")  # shown with -s
+    return results
 
 
 def _task_tests(names, number: int) -> set:

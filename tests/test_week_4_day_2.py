@@ -437,7 +437,7 @@ def test_task_3_histograms(impl, use_ref):
 
 
 def test_task_3_keeps_the_requests(impl, use_ref):
-    use_ref("metrics.position_counts")
+    use_ref("metrics.position_counts", "metrics.acceptance_per_position")
     spec, plain = two_requests(impl)
     aggregator, _ = exported(impl, spec, plain)
     assert aggregator.requests == [spec, plain], (

@@ -147,7 +147,8 @@ def test_task_1_priors_and_clamps(impl):
     assert controller_with(impl, plain=[0.01]).verify_line() is None, "no verify time, no prefill: unknown"
 
 
-def test_task_1_goodput_and_best_lookahead(impl, ref):
+def test_task_1_goodput_and_best_lookahead(impl, ref, use_ref):
+    use_ref("theory.expected_tokens_per_round")
     c = controller_with(impl, plain=[0.01], draft=[(4, 0.004)], verify=[(4, 0.014), (1, 0.011)],
                         rounds=[(4, (3,)), (4, (4,)), (4, (1,))], max_lookahead=6)
     alpha, cost = 8 / 10, 0.1
@@ -171,7 +172,8 @@ def test_task_1_goodput_and_best_lookahead(impl, ref):
     assert c.best_lookahead() is None
 
 
-def test_task_1_ties_go_to_the_smaller_k(impl):
+def test_task_1_ties_go_to_the_smaller_k(impl, use_ref):
+    use_ref("theory.expected_tokens_per_round")
     # alpha = 0, c = 0, v = 1: every K gives G = 1.
     c = controller_with(impl, plain=[0.01], draft=[(4, 0.0)], verify=[(4, 0.01)], rounds=[(4, (0,))])
     assert c.best_lookahead() == (1, pytest.approx(1.0)), "on a tie keep the smaller K (less wasted work)"
