@@ -442,7 +442,8 @@ def describe_mode(config, fallback_note: Optional[str] = None) -> str:
 
 
 def acceptance_by_position(impl, stats_or_rounds) -> list[float]:
-    """P(draft i accepted | the round reached draft i), i = 1, 2, ... (Week 4 Day 2 metrics).
+    """P(draft j accepted | the round reached draft j), j = 0, 1, ... (Week 4 Day 2 metrics:
+    positions are 0-based, as in the book; j = 0 is each round's first draft).
 
     stats_or_rounds: a SpecStats, or a list of (K, accepted) rounds (several runs pooled).
     """
@@ -451,9 +452,12 @@ def acceptance_by_position(impl, stats_or_rounds) -> list[float]:
 
 
 def format_positions(rates: list[float], limit: int = 12) -> str:
-    """'1: 92%  2: 85%  3: 71%' (the first `limit` positions)."""
-    shown = "  ".join(f"{i}: {r:.0%}" for i, r in enumerate(rates[:limit], start=1))
-    return (shown + ("  ..." if len(rates) > limit else "")) or "no drafts"
+    """'0: 92%  1: 85%  2: 71%  (position 0 = first draft)': the first `limit` positions, 0-based
+    as in the book and `metrics.acceptance_per_position`, and the line says so."""
+    shown = "  ".join(f"{j}: {r:.0%}" for j, r in enumerate(rates[:limit]))
+    if not shown:
+        return "no drafts"
+    return shown + ("  ..." if len(rates) > limit else "") + "  (position 0 = first draft)"
 
 
 def rounds_of(stats_list) -> list[tuple[int, int]]:
