@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 import re
-import sys
 import types
 
 import mlx.core as mx
