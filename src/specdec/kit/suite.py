@@ -18,10 +18,13 @@ prediction at the measured alpha, c and v(K) next to each fixed-K speed-up. Sect
 
 Writes suite.json (everything), suite.md (the tables) and PNG plots into --out. The measurement
 core (timing, costs, theory, sample-and-match acceptance) is the student's `specdec.benchmark`
-(the reference stands in for unfinished tasks); reporting and plotting are kit.
+with --impl student (the reference stands in for unfinished tasks); reporting and plotting are kit.
 
-    OPENBLAS_NUM_THREADS=1 python -m specdec.kit.suite --out bench-out          # full (long)
-    python -m specdec.kit.suite --quick --out /tmp/suite                         # seconds
+    python -m specdec.kit.suite --out bench-out                  # full (long); = specdec bench --suite
+    python -m specdec.kit.suite --quick --out /tmp/suite         # pipeline check, ~30 s of CPU
+
+On Linux it re-launches itself with the system OpenBLAS and OPENBLAS_NUM_THREADS=1 (unless set).
+Default --impl ref, as every specdec command; --impl student measures your tree.
 """
 
 from __future__ import annotations
@@ -595,7 +598,7 @@ def write_report(report: dict, out: str | Path) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The suite's flags (`specdec bench --suite` can reuse them)."""
     p.add_argument("--out", default="bench-suite", help="folder for suite.json, suite.md, *.png")
-    p.add_argument("--quick", action="store_true", help="a tiny suite (seconds): checks the pipeline")
+    p.add_argument("--quick", action="store_true", help="a tiny suite (~30 s of CPU): checks the pipeline, not for conclusions")
     p.add_argument("--target", default=None, help="target model (default: the embedded tiny-code)")
     p.add_argument("--draft", default=None, help="draft model (default: the embedded tiny-code-draft)")
     p.add_argument("--impl", choices=["student", "ref"], default=None,
