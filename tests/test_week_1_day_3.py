@@ -152,7 +152,7 @@ def test_task_1_evaluates_the_output(impl):
     # The real clock, with a margin load cannot break: other processes only ever make a call
     # slower, so the fastest of six evaluations (three before, three after) is at most a few
     # times the work itself, while a correct time_forward times at least the work. Not
-    # evaluating times only the building of a graph: about a hundredth of it.
+    # evaluating times only the building of a graph: well under a hundredth of it.
     model = LazyModel()
 
     def evaluation_seconds() -> float:
