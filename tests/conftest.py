@@ -17,6 +17,7 @@ Tests that are not `test_task_*` are deselected under `--isolate`.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
 import types
@@ -24,7 +25,7 @@ import types
 import mlx.core as mx
 import pytest
 
-from specdec.kit.impl import get_impl
+from specdec.kit.impl import EXERCISE_MODULES, get_impl
 from specdec.kit.tasks import TASKS, find_task
 from specdec.kit.models import markov_pair, tiny_llama_pair
 from support import replace_everywhere
@@ -68,6 +69,21 @@ def pytest_collection_modifyitems(config, items):
     kept = [item for item in items if graded_task(item) is not None]
     config.hook.pytest_deselected(items=[item for item in items if graded_task(item) is None])
     items[:] = kept
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _every_exercise_module_imported_first():
+    """Import both trees' exercise modules before any test patches anything: a module imported
+    for the first time inside a test would copy that test's fakes (`from .cost import
+    time_forward`, a default `clock=time.perf_counter`) and keep them for every later test, so a
+    task's tests would pass or fail depending on which tests ran before them."""
+    for package in ("specdec_ref", "specdec"):
+        for name in EXERCISE_MODULES:
+            try:
+                importlib.import_module(f"{package}.{name}")
+            except Exception:  # a student module that does not import yet: its own tests say so
+                if package == "specdec_ref":
+                    raise
 
 
 @pytest.fixture(scope="session")

@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FAST = ["-p", "no:cacheprovider", "-p", "no:nbmake"]
 WORKERS = max(2, min(8, os.cpu_count() or 2))
 TIMEOUT_S = 600
-_RESULT = re.compile(r"^(tests/test_week_\d+_day_\d+\.py::(\S+)) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b",
-                     re.MULTILINE)
+_RESULT = re.compile(r"^(tests/test_week_\d+_day_\d+\.py::(.+?)) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)(?= |$)",
+                     re.MULTILINE)  # a parameter id may hold spaces: the outcome ends the name
 _SUMMARY = re.compile(r"^(?:FAILED|ERROR) .*$", re.MULTILINE)
 
 
