@@ -32,8 +32,9 @@ import pytest
 from specdec.kit.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
-# Plugins the day files do not use, off for start-up speed (nbmake alone costs ~1.3 s a process).
-FAST = ["-p", "no:cacheprovider", "-p", "no:nbmake"]
+# Plugins the day files do not need, off for start-up speed: nbmake costs ~1.3 s of CPU a
+# process, hypothesis's pytest plugin ~1 s (@given works without it). 77 processes.
+FAST = ["-p", "no:cacheprovider", "-p", "no:nbmake", "-p", "no:hypothesispytest"]
 WORKERS = max(2, min(8, os.cpu_count() or 2))
 TIMEOUT_S = 600
 _RESULT = re.compile(r"^(tests/test_week_\d+_day_\d+\.py::(.+?)) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)(?= |$)",
