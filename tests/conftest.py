@@ -10,9 +10,10 @@ tree holds no solution and that every task's test reaches its own stub.
 
 `--isolate` (with `--impl student`; run by tests/test_isolation.py) checks the course's promise
 that a stuck task never blocks the next: for each graded test, the test's own task runs the
-reference and every other task's student functions (kit/tasks.py) raise an AssertionError naming
-the call, so a test that reaches another task's student code without `use_ref(...)` fails.
-Tests that are not `test_task_*` are deselected under `--isolate`.
+reference's code (as if the student had written it, in the student's module) and every other
+task's student functions (kit/tasks.py) raise an AssertionError naming the call, so a test that
+reaches another task's student code without `use_ref(...)` fails. Tests that are not
+`test_task_*` are deselected under `--isolate`.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import mlx.core as mx
 import pytest
 
 from specdec.kit.impl import EXERCISE_MODULES, get_impl
-from specdec.kit.tasks import TASKS, find_task
 from specdec.kit.models import markov_pair, tiny_llama_pair
+from specdec.kit.tasks import TASKS, find_task
 from support import replace_everywhere
 
 
@@ -144,20 +145,22 @@ _FILE = re.compile(r"test_week_(\d+)_day_(\d+)\.py$")
 _TASK = re.compile(r"^test_task_(\d+)_")
 
 
+def _week_day_task(item) -> tuple | None:
+    """(W, D, T) of a graded test `test_task_T_*` in tests/test_week_W_day_D.py, else None."""
+    f, t = _FILE.search(str(item.fspath)), _TASK.match(item.originalname or item.name)
+    return (int(f.group(1)), int(f.group(2)), int(t.group(1))) if f and t else None
+
+
 def expected_stub_tag(item) -> str | None:
     """'Week W Day D Task T:' for a graded test, from its file and function names."""
-    f, t = _FILE.search(str(item.fspath)), _TASK.match(item.originalname or item.name)
-    if not (f and t):
-        return None
-    return f"Week {int(f.group(1))} Day {int(f.group(2))} Task {int(t.group(1))}:"
+    wdt = _week_day_task(item)
+    return None if wdt is None else "Week {} Day {} Task {}:".format(*wdt)
 
 
 def graded_task(item):
     """The kit/tasks.py entry a `test_task_*` test grades, or None for any other test."""
-    f, t = _FILE.search(str(item.fspath)), _TASK.match(item.originalname or item.name)
-    if not (f and t):
-        return None
-    return find_task(int(f.group(1)), int(f.group(2)), int(t.group(1)))
+    wdt = _week_day_task(item)
+    return None if wdt is None else find_task(*wdt)
 
 
 # --isolate --------------------------------------------------------------------------------------
