@@ -4,12 +4,16 @@ pytest puts this folder on sys.path, so test files import it as `from support im
 """
 
 import contextlib
+import importlib
 import re
+import sys
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
+
+from specdec.kit.impl import EXERCISE_MODULES
 
 
 def mlx_lm_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
@@ -20,6 +24,33 @@ def mlx_lm_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
         sampler=lambda logprobs: mx.argmax(logprobs, axis=-1),
     )
     return [int(token) for token, _ in steps]
+
+
+def replace_everywhere(monkeypatch, impl, dotted: str, replacement) -> None:
+    """Set `module.name` (or `module.Class.method`) of `impl` to `replacement` for this test.
+
+    A module-level function is also rebound in every module of the tree that copied it with
+    `from .module import name`. Every exercise module that imports is imported first (here, and
+    by conftest before any test), so no module imported later can copy the replacement and keep
+    it after the test: monkeypatch undoes all of it.
+    """
+    for name in EXERCISE_MODULES:
+        try:
+            importlib.import_module(f"{impl.package}.{name}")
+        except Exception:  # a student module that does not import yet: its own tests say so
+            pass
+    module_name, *attrs = dotted.split(".")
+    parent = impl.module(module_name)
+    for attr in attrs[:-1]:
+        parent = getattr(parent, attr)
+    if isinstance(parent, type):  # a method: its class holds it (a descriptor stays a descriptor)
+        monkeypatch.setattr(parent, attrs[-1], replacement)
+        return
+    original = getattr(parent, attrs[-1])
+    monkeypatch.setattr(parent, attrs[-1], replacement)
+    for name, mod in list(sys.modules.items()):
+        if name.startswith(impl.package + ".") and getattr(mod, attrs[-1], None) is original:
+            monkeypatch.setattr(mod, attrs[-1], replacement)
 
 
 # What every batched loop stands on (Week 1 Day 1 sampling, Week 2 verification, Week 3 Day 2's

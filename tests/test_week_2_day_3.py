@@ -304,6 +304,35 @@ def test_task_2_replacement_comes_from_the_residual(impl, use_ref):
     check_residuals(outcomes, p_rows, q_rows)
 
 
+def test_task_2_replacement_is_independent_of_the_accept_test(impl, use_ref):
+    """Given a rejection at position i, the replacement is distributed as the residual — whatever
+    uniform made the accept test reject. A verifier that draws the accept uniforms and the
+    replacement from ONE key correlates them: here, on MLX, the uniforms of u[0] and u[2] (K = 3)
+    are the very numbers behind the replacement's draw at tokens 0 and 2 (V = 4), so a rejection
+    (u_i large) pushes token i up, from 1/2 to about 0.7 — a total variation of 0.2, about 150
+    in chi-square over ~900 rejections, against a threshold near 15. A verifier that splits its
+    key (any split) passes. False alarms: two chi-square checks at P_MIN, probability < 2e-4."""
+    use_ref(*EARLIER)
+    # Position 0: q drafts token 1, p accepts it w.p. 0.4; residual = 1/2 on tokens 0 and 2.
+    # Position 1: q == p (always accepted). Position 2: like position 0, drafting token 3.
+    p_rows = [[0.3, 0.4, 0.3, 0.0], [0.25] * 4, [0.3, 0.0, 0.3, 0.4], [0.25] * 4]
+    q_rows = [[0.0, 1.0, 0.0, 0.0], [0.25] * 4, [0.0, 0.0, 0.0, 1.0]]
+    _, outcomes = run_rounds(impl.verify.verify_speculation, log_probs(p_rows), q_rows, 1500, seed=11)
+    for i in (0, 2):
+        replacements = [tokens[i] for n, tokens in outcomes if n == i]
+        assert len(replacements) >= 200, (
+            f"only {len(replacements)} of 1500 rounds rejected at position {i} (about "
+            f"{900 if i == 0 else 360} expected). Suspect {SUSPECT_ACCEPT}"
+        )
+        residual = normalise(np.maximum(normalise(p_rows[i]) - np.array(q_rows[i]), 0.0))
+        assert_distributed(
+            replacements, residual,
+            f"the replacement after a rejection at position {i} (rounds with n = {i})",
+            f"{SUSPECT_KEYS}: a uniform that decided the rejection must not also pick the "
+            f"replacement",
+        )
+
+
 def test_task_2_draft_with_zero_draft_probability_is_rejected(impl, use_ref):
     """The contract: reject d_i if q_i(d_i) == 0 (it cannot have been drawn from q). A test written
     u < p / q divides by zero there and accepts it; u * q < p with q > 0 does not."""

@@ -168,7 +168,8 @@ def test_task_2_formula_matches_a_measured_run(impl, ref, k):
 
 
 # Task 3: expected_speedup -------------------------------------------------------------------------
-def test_task_3_expected_speedup_values(impl):
+def test_task_3_expected_speedup_values(impl, use_ref):
+    use_ref("theory.expected_tokens_per_round")
     S = impl.theory.expected_speedup
     cases = [
         (0.8, 4, 0.05, 1.1, 3.3616 / 1.3),

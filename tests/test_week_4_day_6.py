@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from support import raises
+from support import raises, replace_everywhere
 
 N = 8  # tokens per fake decode
 
@@ -132,10 +132,9 @@ def test_task_2_costs_from_time_forward(impl, monkeypatch):
                         "t_target(1), t_draft(1) and t_target(K + 1) for each K in ks")
         return table[id(model), num_tokens]
 
-    # The task may call cost.time_forward either way: `from .cost import time_forward` or `cost.`
-    monkeypatch.setattr(impl.cost, "time_forward", fake_time_forward)
-    if hasattr(impl.benchmark, "time_forward"):
-        monkeypatch.setattr(impl.benchmark, "time_forward", fake_time_forward)
+    # The task may call it either way, `from .cost import time_forward` or `cost.time_forward`:
+    # replace it in cost.py and in every module that copied it, whatever was imported first.
+    replace_everywhere(monkeypatch, impl, "cost.time_forward", fake_time_forward)
     costs = impl.benchmark.measure_costs(draft, target, [1, 2, 4], context_len=32, repeats=3)
     assert costs["c"] == pytest.approx(0.2), (
         f"c = t_draft(1) / t_target(1) = 0.002 / 0.010 = 0.2, got {costs['c']}")
@@ -266,7 +265,15 @@ def test_suite_quick_writes_json_markdown_and_plots(tmp_path, capsys):
         "sum p q can never exceed sum min(p, q)")
     memory = report["results"]["memory"][0]
     assert memory["peak_speculative_mb"] > 0 and memory["peak_plain_mb"] > 0
+    for row in report["results"]["long_prompts"]:
+        assert row["alpha"] is not None, "the long-prompt rows carry alpha (the chapter says: watch it)"
+    for section in ("k_sweep", "batch", "long_prompts"):
+        for row in report["results"][section]:
+            assert len(row["speedup_per_prompt"]) == 2 and len(row["tokens_per_s_per_prompt"]) == 2, (
+                f"{section} / {row['label']}: the per-prompt values behind each median are kept (the "
+                "plots show their spread)")
     markdown = (tmp_path / "suite.md").read_text()
+    assert suite.QUICK_NOTE in markdown, "a --quick report says it is a pipeline check, not for conclusions"
     for heading in ("Fixed K", "Adaptive", "Fallback", "Drafters", "Temperature", "Batch sizes",
                     "Long prompts", "Peak memory", "mlx-lm"):
         assert heading in markdown, f"suite.md lacks its {heading!r} table"
@@ -280,3 +287,48 @@ def test_suite_quick_sections_flag(tmp_path):
 
     with raises(SystemExit, "an unknown section name must be refused, naming the known ones"):
         suite.main(["--quick", "--sections", "k_sweep,nonsense", "--out", str(tmp_path)])
+
+
+def test_suite_and_bench_share_one_default_impl_and_one_blas_thread(monkeypatch):
+    """`specdec bench --suite`, `specdec bench` and `python -m specdec.kit.suite` measure the same
+    implementation by default, and the bench commands re-run themselves with
+    OPENBLAS_NUM_THREADS=1 (the chapter's rule table) unless the user set it."""
+    import argparse
+
+    from specdec.kit import suite, timing
+    from specdec.kit.cli import bench, common
+
+    import inspect
+
+    assert "kit.cli.bench" not in inspect.getsource(suite), (
+        "kit/suite.py must not import kit/cli/bench.py, which imports the suite: no import circle")
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers())
+    bench_default = parser.parse_args(["bench"]).impl
+    assert suite.SuiteSettings().impl == bench_default == "ref", (
+        f"one default --impl: the suite's is {suite.SuiteSettings().impl!r}, bench's {bench_default!r}")
+
+    class Exec(Exception):
+        pass
+
+    def fake_execve(path, argv, env):
+        raise Exec(argv, env)
+
+    monkeypatch.setattr(timing, "find_openblas", lambda: "/fake/libopenblas.so.0")
+    monkeypatch.setattr(common.sys, "platform", "linux")
+    monkeypatch.setattr(common.os, "execve", fake_execve)
+    for name in ("OPENBLAS_NUM_THREADS", "SPECDEC_REEXEC", "SPECDEC_NO_OPENBLAS", "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    for run, argv in ((common.maybe_reexec_with_openblas, ["bench", "--suite", "--quick"]),
+                      (suite.reexec_with_openblas, ["--quick"])):
+        with raises(Exec, f"{argv}: re-run with the system OpenBLAS preloaded") as caught:
+            run(argv)
+        new_argv, env = caught.value.args
+        assert env.get("OPENBLAS_NUM_THREADS") == "1" and "/fake/libopenblas.so.0" in env["LD_PRELOAD"], (
+            f"{argv}: the re-run must set OPENBLAS_NUM_THREADS=1 and preload OpenBLAS, got "
+            f"OPENBLAS_NUM_THREADS={env.get('OPENBLAS_NUM_THREADS')!r}, LD_PRELOAD={env.get('LD_PRELOAD')!r}")
+        assert new_argv[-len(argv):] == argv, f"the re-run keeps the arguments: {new_argv}"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")  # the user's choice wins
+    with raises(Exec, "bench re-runs with OpenBLAS") as caught:
+        common.maybe_reexec_with_openblas(["bench"])
+    assert caught.value.args[1]["OPENBLAS_NUM_THREADS"] == "4", "a value the user set is kept"

@@ -18,10 +18,13 @@ prediction at the measured alpha, c and v(K) next to each fixed-K speed-up. Sect
 
 Writes suite.json (everything), suite.md (the tables) and PNG plots into --out. The measurement
 core (timing, costs, theory, sample-and-match acceptance) is the student's `specdec.benchmark`
-(the reference stands in for unfinished tasks); reporting and plotting are kit.
+with --impl student (the reference stands in for unfinished tasks); reporting and plotting are kit.
 
-    OPENBLAS_NUM_THREADS=1 python -m specdec.kit.suite --out bench-out          # full (long)
-    python -m specdec.kit.suite --quick --out /tmp/suite                         # seconds
+    python -m specdec.kit.suite --out bench-out                  # full (long); = specdec bench --suite
+    python -m specdec.kit.suite --quick --out /tmp/suite         # pipeline check, ~30 s of CPU
+
+On Linux it re-launches itself with the system OpenBLAS and OPENBLAS_NUM_THREADS=1 (unless set).
+Default --impl ref, as every specdec command; --impl student measures your tree.
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ class SuiteSettings:
 
     target: Optional[str] = None  # None: the embedded pair (toy-llama when it is not installed)
     draft: Optional[str] = None
-    impl: str = "student"  # the student's tree, the reference standing in for unfinished tasks
+    # "ref", as every specdec command: numbers anyone can compare. "student": your tree, the
+    # reference standing in for unfinished tasks.
+    impl: str = "ref"
     prompts: int = 5  # held-out prompts per measurement (medians over them)
     max_tokens: int = 128  # every run produces exactly this many tokens
     ks: tuple = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -65,13 +70,16 @@ class SuiteSettings:
     seed: int = 0
     sections: tuple = tuple(SECTIONS)
     progress: bool = True
+    quick: bool = False  # a pipeline check: the report and the plots say it is not for conclusions
 
 
 def quick_settings(**overrides: Any) -> SuiteSettings:
-    """A suite that runs in seconds: 2 prompts x 16 tokens, K in {1, 2}, batch {1, 2}, short
-    "long" prompts. For tests and for checking the pipeline, not for numbers."""
+    """A tiny suite: 2 prompts x 16 tokens, K in {1, 2}, batch {1, 2}, short "long" prompts —
+    about a minute of CPU on the embedded models (every section still loads, warms up and runs).
+    For tests and for checking the pipeline, not for numbers."""
     quick = dict(prompts=2, max_tokens=16, ks=(1, 2), lookahead=2, batch_sizes=(1, 2),
-                 long_prompt_lengths=(32, 64), long_max_tokens=8, mlx_lm_repeats=1, cost_repeats=2)
+                 long_prompt_lengths=(32, 64), long_max_tokens=8, mlx_lm_repeats=1, cost_repeats=2,
+                 quick=True)
     quick.update(overrides)
     return SuiteSettings(**quick)
 
@@ -83,8 +91,7 @@ class _Runner:
     def __init__(self, settings: SuiteSettings):
         import mlx.core as mx
 
-        from specdec.kit.cli.bench import bench_prompts
-        from specdec.kit.cli.common import load_models
+        from specdec.kit.cli.common import bench_prompts, load_models
         from specdec.kit.impl import get_impl
 
         self.mx, self.s = mx, settings
@@ -153,6 +160,8 @@ class _Runner:
         ratios = [s / p for s, p in zip(spec["per_prompt"], plain["per_prompt"])]
         row = {"label": label, "K": K, "temperature": config.temperature,
                "tokens_per_s": spec["tokens_per_s"], "plain_tokens_per_s": plain["tokens_per_s"],
+               "tokens_per_s_per_prompt": spec["per_prompt"],
+               "plain_tokens_per_s_per_prompt": plain["per_prompt"],
                "speedup": statistics.median(ratios), "speedup_per_prompt": ratios,
                **pooled(runs),
                "identical": spec["outputs"] == plain["outputs"] if config.temperature == 0 else None}
@@ -237,7 +246,9 @@ class _Runner:
         ratios = [a / b for a, b in zip(spec["per_prompt"], plain["per_prompt"])]
         return {"label": f"batch {B}", "batch_size": B, "tokens_per_s": B * spec["tokens_per_s"],
                 "plain_tokens_per_s": B * plain["tokens_per_s"], "speedup": statistics.median(ratios),
-                **pooled(runs),
+                "tokens_per_s_per_prompt": [B * x for x in spec["per_prompt"]],
+                "plain_tokens_per_s_per_prompt": [B * x for x in plain["per_prompt"]],
+                "speedup_per_prompt": ratios, **pooled(runs),
                 "identical": outputs["speculative"][-len(groups):] == outputs["plain"][-len(groups):]}
 
     def long_row(self, length: int) -> dict:
@@ -409,6 +420,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             *["| " + " | ".join(r) + " |" for r in rows], ""]
 
 
+QUICK_NOTE = ("--quick: a check that the pipeline runs (2 prompts x 16 tokens), not for "
+              "conclusions: run the full suite for numbers.")
+
 SPEC_HEADER = ["setting", "tok/s", "plain tok/s", "speed-up", "predicted", "rel. error", "alpha",
                "tok/call", "identical (t=0)"]
 
@@ -423,7 +437,10 @@ def _spec_rows(rows: list[dict]) -> list[list[str]]:
 def markdown_report(report: dict) -> str:
     """The tables of suite.md."""
     s, env, res = report["settings"], report["environment"], report["results"]
-    lines = [f"# Speculative decoding benchmark: {report['target']} / {report['draft']}", "",
+    lines = [f"# Speculative decoding benchmark: {report['target']} / {report['draft']}", ""]
+    if s.get("quick"):
+        lines += [f"> {QUICK_NOTE}", ""]
+    lines += [
              f"- implementation: {report['impl']}; {s['prompts']} held-out prompts, {s['max_tokens']} "
              f"tokens each (EOS ignored), {s['warmup']} warm-up call(s), medians over prompts",
              f"- device {env['device']}, BLAS {env['blas']}, OPENBLAS_NUM_THREADS="
@@ -474,13 +491,19 @@ def markdown_report(report: dict) -> str:
 
 
 def write_plots(report: dict, out: Path) -> list[Path]:
-    """PNG plots (matplotlib, no display needed) of the sections that ran."""
+    """PNG plots (matplotlib, no display needed) of the sections that ran.
+
+    A median is drawn with the per-prompt values it is the median of (small points); K and batch
+    sizes get integer ticks; the line at 1.0 is plain decoding's speed; a --quick run says in
+    every title that it is not for conclusions.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     res, paths = report["results"], []
+    quick = "\n(--quick: pipeline check, not for conclusions)" if report["settings"].get("quick") else ""
 
     def save(fig, name):
         fig.tight_layout()
@@ -489,43 +512,75 @@ def write_plots(report: dict, out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
 
+    def per_prompt(ax, xs, rows, key, color, label, horizontal=False):
+        """The per-prompt values behind each median, as small points."""
+        px = [x for x, r in zip(xs, rows) for _ in r.get(key) or []]
+        py = [v for r in rows for v in r.get(key) or []]
+        if px:
+            args = (py, px) if horizontal else (px, py)
+            ax.plot(*args, ".", color=color, alpha=0.45, ms=5, label=label)
+
     if "k_sweep" in res:
         rows = res["k_sweep"]
+        ks = [r["K"] for r in rows]
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r["K"] for r in rows], [r["speedup"] for r in rows], "o-", label="measured")
+        ax.plot(ks, [r["speedup"] for r in rows], "o-", color="C0", label="measured (median)")
+        per_prompt(ax, ks, rows, "speedup_per_prompt", "C0", "measured, per prompt")
         if all(r.get("predicted") is not None for r in rows):
-            ax.plot([r["K"] for r in rows], [r["predicted"] for r in rows], "s--",
+            ax.plot(ks, [r["predicted"] for r in rows], "s--", color="C1",
                     label="predicted E/(Kc+v(K))")
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set(xlabel="K (draft length)", ylabel="speed-up over plain", title="Fixed K, temperature 0")
-        ax.legend()
+        ax.axhline(1.0, color="gray", lw=0.8, label="1.0 = plain decoding")
+        ax.set_xticks(ks)
+        ax.set(xlabel="K (draft length)", ylabel="speed-up over plain",
+               title="Fixed K, temperature 0" + quick)
+        ax.legend(fontsize=8)
         save(fig, "k_sweep.png")
     spec_sections = [s for s in ("k_sweep", "adaptive", "fallback", "drafters", "temperature") if s in res]
     if spec_sections:
         rows = [r for s in spec_sections for r in res[s]]
-        fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
-        ax.barh([r["label"] for r in rows], [r["speedup"] for r in rows])
-        ax.axvline(1.0, color="gray", lw=0.8)
+        fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.6))
+        ys = list(range(len(rows)))
+        ax.barh(ys, [r["speedup"] for r in rows], color="C0", alpha=0.7, label="median over prompts")
+        per_prompt(ax, ys, rows, "speedup_per_prompt", "black", "per prompt", horizontal=True)
+        ax.set_yticks(ys, [r["label"] for r in rows])
+        ax.axvline(1.0, color="gray", lw=0.8, label="1.0 = plain decoding")
         ax.invert_yaxis()
-        ax.set(xlabel="speed-up over plain (median over prompts)", title="Every setting")
+        ax.set(xlabel="speed-up over plain", title="Every setting" + quick)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.09 - 1.2 / fig.get_figheight() / 4),
+                  ncol=3, frameon=False)
         save(fig, "settings.png")
 
-    def plain_vs_speculative(section: str, x_key: str, filename: str, **axes) -> None:
+    def plain_vs_speculative(section: str, x_key: str, title: str, **axes):
         rows = res[section]
         fig, ax = plt.subplots(figsize=(6, 4))
         xs = [r[x_key] for r in rows]
-        ax.plot(xs, [r["plain_tokens_per_s"] for r in rows], "o-", label="plain")
-        ax.plot(xs, [r["tokens_per_s"] for r in rows], "s-", label="speculative")
-        ax.set(**axes)
-        ax.legend()
-        save(fig, filename)
+        ax.plot(xs, [r["plain_tokens_per_s"] for r in rows], "o-", color="C1", label="plain (median)")
+        per_prompt(ax, xs, rows, "plain_tokens_per_s_per_prompt", "C1", None)
+        ax.plot(xs, [r["tokens_per_s"] for r in rows], "s-", color="C0", label="speculative (median)")
+        per_prompt(ax, xs, rows, "tokens_per_s_per_prompt", "C0", "per prompt")
+        ax.set(title=title + quick, **axes)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
+        return fig, ax
 
     if "batch" in res:
-        plain_vs_speculative("batch", "batch_size", "batch.png", xlabel="batch size",
-                             ylabel="tokens/s (all rows)", title="Batched decoding")
+        fig, ax = plain_vs_speculative("batch", "batch_size", "Batched decoding",
+                                       xlabel="batch size", ylabel="tokens/s (all rows)")
+        ax.legend(fontsize=8)
+        save(fig, "batch.png")
     if "long_prompts" in res:
-        plain_vs_speculative("long_prompts", "prompt_tokens", "long_prompts.png", xlabel="prompt tokens",
-                             ylabel="tokens/s", title="Long prompts", xscale="log")
+        fig, ax = plain_vs_speculative("long_prompts", "prompt_tokens", "Long prompts", xlabel="prompt tokens", ylabel="tokens/s",
+                                       xscale="log")
+        rows = res["long_prompts"]
+        alpha_ax = ax.twinx()  # the chapter says: watch alpha as the prompt grows
+        alpha_ax.plot([r["prompt_tokens"] for r in rows],
+                      [r["alpha"] if r.get("alpha") is not None else float("nan") for r in rows],
+                      "^:", color="C2", label="alpha (right axis)")
+        alpha_ax.set(ylabel="alpha (acceptance per draft)", ylim=(0, 1.05))
+        handles = ax.get_legend_handles_labels()
+        more = alpha_ax.get_legend_handles_labels()
+        ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8, loc="lower left")
+        save(fig, "long_prompts.png")
     return paths
 
 
@@ -543,11 +598,12 @@ def write_report(report: dict, out: str | Path) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The suite's flags (`specdec bench --suite` can reuse them)."""
     p.add_argument("--out", default="bench-suite", help="folder for suite.json, suite.md, *.png")
-    p.add_argument("--quick", action="store_true", help="a tiny suite (seconds): checks the pipeline")
+    p.add_argument("--quick", action="store_true", help="a tiny suite (~30 s of CPU): checks the pipeline, not for conclusions")
     p.add_argument("--target", default=None, help="target model (default: the embedded tiny-code)")
     p.add_argument("--draft", default=None, help="draft model (default: the embedded tiny-code-draft)")
     p.add_argument("--impl", choices=["student", "ref"], default=None,
-                   help="implementation (default student, the reference for unfinished tasks)")
+                   help="ref (default, as every specdec command: numbers anyone can compare) or "
+                        "student (your tree, the reference for unfinished tasks)")
     p.add_argument("--prompts", type=int, default=None, help="held-out prompts per measurement")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per run (equal lengths)")
     p.add_argument("--sections", default=None,
@@ -593,21 +649,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def reexec_with_openblas(argv: list[str]) -> None:
     """Run `python -m specdec.kit.suite` again with the system OpenBLAS preloaded and
-    OPENBLAS_NUM_THREADS=1 (Linux): MLX's bundled BLAS hides the point of speculative decoding,
-    and LD_PRELOAD only works at process start. SPECDEC_NO_OPENBLAS=1 turns this off."""
-    from specdec.kit.timing import find_openblas
+    OPENBLAS_NUM_THREADS=1 (Linux), exactly as `specdec bench --suite` does: MLX's bundled BLAS
+    hides the point of speculative decoding, and both settings are read only at process start.
+    SPECDEC_NO_OPENBLAS=1 turns this off."""
+    from specdec.kit.cli.common import reexec_for_speed
 
-    lib = find_openblas()
-    preload = os.environ.get("LD_PRELOAD", "")
-    if (not sys.platform.startswith("linux") or not lib or lib in preload
-            or os.environ.get("SPECDEC_NO_OPENBLAS") or os.environ.get("SPECDEC_REEXEC")):
-        return
-    env = dict(os.environ, LD_PRELOAD=f"{lib}:{preload}" if preload else lib, SPECDEC_REEXEC="1")
-    env.setdefault("OPENBLAS_NUM_THREADS", "1")
-    print(f"specdec suite: preloading {lib}, OPENBLAS_NUM_THREADS={env['OPENBLAS_NUM_THREADS']}",
-          file=sys.stderr)
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "specdec.kit.suite", *argv], env)
+    reexec_for_speed("specdec.kit.suite", argv, one_blas_thread=True)
 
 
 if __name__ == "__main__":

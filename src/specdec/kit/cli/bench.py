@@ -5,18 +5,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import statistics
-import sysconfig
 import time
-from pathlib import Path
 from typing import Any, Callable
 
-from specdec.kit.cli.common import (BUILTIN_PROMPTS, Models, acceptance_by_position,
-                                    add_decoding_flags, blas_note, describe_mode,
-                                    fallback_off_reason, format_positions, load_models,
-                                    make_controller, make_key, plain_stream, rounds_of,
-                                    prepare, run_batched, speculative_stream)
+from specdec.kit.cli.common import (Models, acceptance_by_position, add_decoding_flags,
+                                    bench_prompts, blas_note, describe_mode,
+                                    fallback_off_reason, format_positions,
+                                    heldout_prompts,  # noqa: F401  (re-exported: kit.cli, notebooks)
+                                    load_models, make_controller, make_key, plain_stream,
+                                    rounds_of, prepare, run_batched, speculative_stream)
 from specdec.kit.timing import blas_info
 
 
@@ -40,49 +38,6 @@ def run_suite(argv: list[str]) -> int:
         return suite_main(argv)
     except SystemExit as e:  # --help, or a usage error argparse already printed
         return int(e.code or 0)
-
-
-# Prompts -----------------------------------------------------------------------------------------
-_CODE_START = re.compile(r"^(import \w|from \S+ import |def \w|class \w+[(:]|@\w)")
-
-
-def heldout_prompts(target_name: str, n: int, lines: int = 15) -> list[tuple[str, str]]:
-    """(name, text) prompts from the held-out stdlib files the embedded models never trained on.
-
-    Deterministic: files in the listed order; each prompt is `lines` lines starting at the
-    file's first line of code (import/from/def/class/decorator), capped at 1200 characters.
-    """
-    from specdec.kit.loading import EMBEDDED
-
-    path = EMBEDDED.get(target_name, Path(target_name))
-    listing = Path(path) / "heldout_files.json"
-    if not listing.is_file():
-        return []
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    prompts = []
-    for rel in json.loads(listing.read_text()):
-        try:
-            text = (stdlib / rel).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue  # another Python version may not have this file
-        all_lines = text.splitlines()
-        start = next((i for i, line in enumerate(all_lines) if _CODE_START.match(line)), 0)
-        chunk = "\n".join(all_lines[start : start + lines])[:1200]
-        if chunk.count("\n") >= 5:
-            prompts.append((rel, chunk.rstrip()))  # no trailing newline: see BUILTIN_PROMPTS
-        if len(prompts) == n:
-            break
-    return prompts
-
-
-def bench_prompts(target_name: str, n: int) -> list[tuple[str, str]]:
-    """n (name, text) prompts: held-out files first, then the built-in prompts, cycled."""
-    prompts = heldout_prompts(target_name, n)
-    i = 0
-    while len(prompts) < n:
-        prompts.append((f"builtin-{i % len(BUILTIN_PROMPTS)}", BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)]))
-        i += 1
-    return prompts
 
 
 # Runs --------------------------------------------------------------------------------------------

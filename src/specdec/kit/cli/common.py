@@ -12,9 +12,11 @@ controller) and `run_batched` decode.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -57,24 +59,85 @@ def maybe_reexec_with_openblas(args: list[str]) -> None:
     MLX's CPU wheel bundles a reference BLAS whose matmuls are tens of times slower than
     OpenBLAS, which makes a K-token verification cost about K single-token forwards and hides
     the whole point of speculative decoding. LD_PRELOAD only works at process start, hence exec.
+    `bench` (and `bench --suite`) also gets OPENBLAS_NUM_THREADS=1 unless it is set, as the Week 4
+    Day 5 rule table asks: a benchmark wants steady timings, not threads fighting over cores.
     """
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command in ("generate", "bench", "serve"):
+        reexec_for_speed("specdec.kit.cli", args, one_blas_thread=command == "bench")
+
+
+def reexec_for_speed(module: str, args: list[str], one_blas_thread: bool) -> None:
+    """`python -m module *args` again, with the system OpenBLAS preloaded (Linux) and, if
+    `one_blas_thread`, OPENBLAS_NUM_THREADS=1 unless already set. Both are read only when a
+    process starts, hence exec. Does nothing without a system OpenBLAS, off Linux, once already
+    re-run, or with SPECDEC_NO_OPENBLAS=1."""
     from specdec.kit.timing import find_openblas
 
-    if not sys.platform.startswith("linux") or os.environ.get("SPECDEC_NO_OPENBLAS"):
-        return
-    command = next((a for a in args if not a.startswith("-")), None)
-    if command not in ("generate", "bench", "serve"):
+    if (not sys.platform.startswith("linux") or os.environ.get("SPECDEC_NO_OPENBLAS")
+            or os.environ.get("SPECDEC_REEXEC")):
         return
     lib = find_openblas()
     preload = os.environ.get("LD_PRELOAD", "")
-    if not lib or lib in preload or os.environ.get("SPECDEC_REEXEC"):
+    if not lib:
         return
-    env = dict(os.environ, LD_PRELOAD=f"{lib}:{preload}" if preload else lib, SPECDEC_REEXEC="1")
-    print(f"specdec: preloading {lib} for fast CPU matmuls (SPECDEC_NO_OPENBLAS=1 turns this off)",
-          file=sys.stderr)
+    set_threads = one_blas_thread and os.environ.get("OPENBLAS_NUM_THREADS") is None
+    if lib in preload and not set_threads:
+        return
+    env = dict(os.environ, SPECDEC_REEXEC="1")
+    if lib not in preload:
+        env["LD_PRELOAD"] = f"{lib}:{preload}" if preload else lib
+    if set_threads:
+        env["OPENBLAS_NUM_THREADS"] = "1"
+    threads = f", OPENBLAS_NUM_THREADS={env['OPENBLAS_NUM_THREADS']}" if one_blas_thread else ""
+    print(f"specdec: preloading {lib} for fast CPU matmuls{threads} (SPECDEC_NO_OPENBLAS=1 turns "
+          "this off)", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "specdec.kit.cli", *args], env)
+    os.execve(sys.executable, [sys.executable, "-m", module, *args], env)
+
+
+# Held-out prompts (bench and the suite) -----------------------------------------------------------------------------------------
+_CODE_START = re.compile(r"^(import \w|from \S+ import |def \w|class \w+[(:]|@\w)")
+
+
+def heldout_prompts(target_name: str, n: int, lines: int = 15) -> list[tuple[str, str]]:
+    """(name, text) prompts from the held-out stdlib files the embedded models never trained on.
+
+    Deterministic: files in the listed order; each prompt is `lines` lines starting at the
+    file's first line of code (import/from/def/class/decorator), capped at 1200 characters.
+    """
+    from specdec.kit.loading import EMBEDDED
+
+    path = EMBEDDED.get(target_name, Path(target_name))
+    listing = Path(path) / "heldout_files.json"
+    if not listing.is_file():
+        return []
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    prompts = []
+    for rel in json.loads(listing.read_text()):
+        try:
+            text = (stdlib / rel).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue  # another Python version may not have this file
+        all_lines = text.splitlines()
+        start = next((i for i, line in enumerate(all_lines) if _CODE_START.match(line)), 0)
+        chunk = "\n".join(all_lines[start : start + lines])[:1200]
+        if chunk.count("\n") >= 5:
+            prompts.append((rel, chunk.rstrip()))  # no trailing newline: see BUILTIN_PROMPTS
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+def bench_prompts(target_name: str, n: int) -> list[tuple[str, str]]:
+    """n (name, text) prompts: held-out files first, then the built-in prompts, cycled."""
+    prompts = heldout_prompts(target_name, n)
+    i = 0
+    while len(prompts) < n:
+        prompts.append((f"builtin-{i % len(BUILTIN_PROMPTS)}", BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)]))
+        i += 1
+    return prompts
 
 
 # Flags, their checks, and the settings they make -------------------------------------------------
@@ -442,7 +505,8 @@ def describe_mode(config, fallback_note: Optional[str] = None) -> str:
 
 
 def acceptance_by_position(impl, stats_or_rounds) -> list[float]:
-    """P(draft i accepted | the round reached draft i), i = 1, 2, ... (Week 4 Day 2 metrics).
+    """P(draft j accepted | the round reached draft j), j = 0, 1, ... (Week 4 Day 2 metrics:
+    positions are 0-based, as in the book; j = 0 is each round's first draft).
 
     stats_or_rounds: a SpecStats, or a list of (K, accepted) rounds (several runs pooled).
     """
@@ -451,9 +515,12 @@ def acceptance_by_position(impl, stats_or_rounds) -> list[float]:
 
 
 def format_positions(rates: list[float], limit: int = 12) -> str:
-    """'1: 92%  2: 85%  3: 71%' (the first `limit` positions)."""
-    shown = "  ".join(f"{i}: {r:.0%}" for i, r in enumerate(rates[:limit], start=1))
-    return (shown + ("  ..." if len(rates) > limit else "")) or "no drafts"
+    """'0: 92%  1: 85%  2: 71%  (position 0 = first draft)': the first `limit` positions, 0-based
+    as in the book and `metrics.acceptance_per_position`, and the line says so."""
+    shown = "  ".join(f"{j}: {r:.0%}" for j, r in enumerate(rates[:limit]))
+    if not shown:
+        return "no drafts"
+    return shown + ("  ..." if len(rates) > limit else "") + "  (position 0 = first draft)"
 
 
 def rounds_of(stats_list) -> list[tuple[int, int]]:

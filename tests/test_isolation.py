@@ -1,0 +1,143 @@
+"""The course's promise "a stuck task never blocks the next", checked mechanically for every task.
+
+(a) Alone: for every task of `specdec/kit/tasks.py`, the chapter's command
+        pytest tests/test_week_W_day_D.py -k task_N
+    passes on the reference in a fresh process (nothing imported, patched or cached by another
+    task's tests first), and selects exactly task N's tests (`-k task_1` must not pick up a
+    `task_10`, nor miss one of task 1's tests).
+(b) Isolated: every day's file passes under
+        pytest tests/test_week_W_day_D.py --impl student --isolate
+    where each graded test runs its own task's reference code (as if written in the student's
+    module) and every other task's student function raises: a test that needs another task's
+    work without `use_ref(...)` fails, naming the call (see `--isolate` in tests/conftest.py).
+
+These check the course's tests, not a student's tree: they run with the default `--impl ref` and
+are skipped, saying so, under `--impl student`. The runs go two (or more, on more cores) at a time.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from specdec.kit.tasks import TASKS
+
+ROOT = Path(__file__).resolve().parent.parent
+# Plugins the day files do not need, off for start-up speed: nbmake costs ~1.3 s of CPU a
+# process, hypothesis's pytest plugin ~1 s (@given works without it). 77 processes.
+FAST = ["-p", "no:cacheprovider", "-p", "no:nbmake", "-p", "no:hypothesispytest"]
+WORKERS = max(2, min(8, os.cpu_count() or 2))
+TIMEOUT_S = 600
+_RESULT = re.compile(r"^(tests/test_week_\d+_day_\d+\.py::(.+?)) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)(?= |$)",
+                     re.MULTILINE)  # a parameter id may hold spaces: the outcome ends the name
+_SUMMARY = re.compile(r"^(?:FAILED|ERROR) .*$", re.MULTILINE)
+
+
+@dataclass
+class Run:
+    command: str  # what to type to reproduce it
+    returncode: int
+    output: str
+
+    @property
+    def results(self) -> dict:
+        """{test name: outcome} from pytest -v's lines (a teardown ERROR overrides PASSED)."""
+        out: dict = {}
+        for _, name, outcome in _RESULT.findall(self.output):
+            out[name] = outcome if out.get(name) in (None, "PASSED") else out[name]
+        return out
+
+    def why(self) -> str:
+        lines = _SUMMARY.findall(self.output)
+        if not lines:
+            lines = self.output.strip().splitlines()[-3:]
+        return "\n      ".join(line[:400] for line in lines[:8])
+
+
+def _run(args: list, command: str) -> Run:
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", *args, "-v", *FAST], cwd=ROOT,
+                              capture_output=True, text=True, timeout=TIMEOUT_S,
+                              env={**os.environ, "COLUMNS": "400"})  # whole failure lines
+    except subprocess.TimeoutExpired as e:
+        return Run(command, -1, f"timed out after {TIMEOUT_S} s\n{e.stdout or ''}")
+    return Run(command, done.returncode, done.stdout + done.stderr)
+
+
+@pytest.fixture(scope="module")
+def runs(request):
+    if request.config.getoption("--impl") != "ref":
+        pytest.skip("the isolation check grades the course's tests, not your tree: it runs with "
+                    "the default --impl ref (pytest tests/test_isolation.py)")
+    jobs = {}
+    for task in TASKS:
+        jobs[("alone", task.key)] = ([task.test_file, "-k", f"task_{task.task}", "--impl", "ref"],
+                                     f"pytest {task.test_file} -k task_{task.task}")
+    for test_file in sorted({task.test_file for task in TASKS}):
+        jobs[("isolated", test_file)] = ([test_file, "--impl", "student", "--isolate"],
+                                         f"pytest {test_file} --impl student --isolate")
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+        futures = {key: pool.submit(_run, *job) for key, job in jobs.items()}
+        results = {key: future.result() for key, future in futures.items()}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    print(f"\nisolation: {len(jobs)} pytest runs, {WORKERS} at a time: {time.perf_counter() - start:.0f} s "
+          f"wall, {cpu:.0f} s CPU")  # shown with -s
+    return results
+
+
+def _task_tests(names, number: int) -> set:
+    return {name for name in names if re.match(rf"test_task_{number}_", name)}
+
+
+def test_each_task_passes_alone_on_the_reference(runs):
+    failing = []
+    for task in TASKS:
+        run = runs[("alone", task.key)]
+        outcomes = run.results
+        bad = {name: outcome for name, outcome in outcomes.items() if outcome != "PASSED"}
+        if run.returncode != 0 or bad or not outcomes:
+            failing.append(f"{task.tag} ({task.name}) does not pass alone on the reference "
+                           f"(exit {run.returncode}, {len(outcomes)} test(s)). Reproduce: "
+                           f"{run.command}\n      {run.why()}")
+    assert not failing, (
+        f"{len(failing)} of {len(TASKS)} tasks fail when their tests run alone, in a fresh process, "
+        "as the chapters print them (a test that leans on what another task's tests imported, "
+        "patched or cached first):\n  " + "\n  ".join(failing))
+
+
+def test_each_selection_is_exactly_its_task(runs):
+    wrong = []
+    for task in TASKS:
+        selected = set(runs[("alone", task.key)].results)
+        graded = _task_tests(runs[("isolated", task.test_file)].results, task.task)
+        strays = selected - _task_tests(selected, task.task)
+        if strays or selected != graded or not graded:
+            wrong.append(f"{task.command}: selects {len(selected)} test(s), task {task.task} has "
+                         f"{len(graded)}; not task {task.task}'s: {sorted(strays)[:5]}; missed: "
+                         f"{sorted(graded - selected)[:5]}")
+    assert not wrong, (
+        "`-k task_N` must select exactly task N's tests (all `test_task_N_*`, and nothing else: "
+        "a `task_N` in another test's name or parameter id is picked up too):\n  " + "\n  ".join(wrong))
+
+
+def test_no_task_needs_another_tasks_student_code(runs):
+    failing = []
+    for test_file in sorted({task.test_file for task in TASKS}):
+        run = runs[("isolated", test_file)]
+        if run.returncode != 0 or not run.results:
+            failing.append(f"{test_file} (exit {run.returncode}). Reproduce: {run.command}\n      {run.why()}")
+    assert not failing, (
+        "with each test's own task on the reference and every other task's student functions "
+        "raising, these tests fail: they call another task's student code (fix: `use_ref(...)` "
+        "for it in the test) or cannot run from the student's tree:\n  " + "\n  ".join(failing))
