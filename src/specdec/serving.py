@@ -1,4 +1,4 @@
-"""Week 4 Day 4 — serving: continuous batching, one speculative round at a time.
+"""Week 4 Day 5 — serving: continuous batching, one speculative round at a time.
 
 A server gets requests at any moment, each with its own prompt, max_tokens, temperature, seed
 and stop strings. Continuous batching keeps one batched speculative decoder running: between two
@@ -45,7 +45,7 @@ def find_stop(text: str, stop: Sequence[str]) -> tuple[int, bool]:
         tokens may complete the stop string (streaming must never send what a stop string cuts).
     With no stop strings, (len(text), False).
     """
-    raise NotImplementedError("Week 4 Day 4 Task 1: find_stop — see book/src/week4-04-serving.md")
+    raise NotImplementedError("Week 4 Day 5 Task 1: find_stop — see book/src/week4-05-serving.md")
 
 
 # Task 2: a new row ------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def prefill_request(draft_model, target_model, prompt: list[int]) -> tuple[Optio
     Evaluate the caches (`mx.eval` of each layer's state) before returning: prefill work is done
     here, not in the next round.
     """
-    raise NotImplementedError("Week 4 Day 4 Task 2: prefill_request — see book/src/week4-04-serving.md")
+    raise NotImplementedError("Week 4 Day 5 Task 2: prefill_request — see book/src/week4-05-serving.md")
 
 
 class Scheduler(SchedulerBase):
@@ -98,7 +98,7 @@ class Scheduler(SchedulerBase):
             target), it is appended to `rows`, and gets its key: mx.random.key(request.seed).
         Returns the Events of the requests that ended here (empty when all joined).
         """
-        raise NotImplementedError("Week 4 Day 4 Task 3: Scheduler.admit — see book/src/week4-04-serving.md")
+        raise NotImplementedError("Week 4 Day 5 Task 3: Scheduler.admit — see book/src/week4-05-serving.md")
 
     # Task 4: one round ----------------------------------------------------------------------------
     def step(self) -> list[Event]:
@@ -133,4 +133,4 @@ class Scheduler(SchedulerBase):
         Returns the events of this step. At temperature 0 every request's output is exactly
         its solo greedy output, whatever joined or left its batch and when.
         """
-        raise NotImplementedError("Week 4 Day 4 Task 4: Scheduler.step — see book/src/week4-04-serving.md")
+        raise NotImplementedError("Week 4 Day 5 Task 4: Scheduler.step — see book/src/week4-05-serving.md")

@@ -1,4 +1,4 @@
-"""Provided code of Week 4 Day 4 (serving), imported by both trees' `serving.py`.
+"""Provided code of Week 4 Day 5 (serving), imported by both trees' `serving.py`.
 
 `Request`, `Event`, `join_caches`, `draft_rows`, the per-request sampling rule, and
 `SchedulerBase`: the scheduler's `__init__`, `submit`, `next_lookahead`, `emit`, `finish`,
@@ -173,7 +173,7 @@ def _tree_function(obj, name: str) -> Callable:
 
 
 class SchedulerBase:
-    """The provided half of the Week 4 Day 4 `Scheduler` (the exercise adds admit and step)."""
+    """The provided half of the Week 4 Day 5 `Scheduler` (the exercise adds admit and step)."""
 
     def __init__(
         self,

@@ -118,9 +118,9 @@ TASKS: tuple = tuple(
              ("FallbackController: update, decide", "FallbackController.update",
               "FallbackController.decide"),
              "fallback_generate", "batched_fallback_decode")
-    + _tasks(4, 4, "serving", "week4-04-serving",
+    + _tasks(4, 5, "serving", "week4-05-serving",
              "find_stop", "prefill_request", "Scheduler.admit", "Scheduler.step")
-    + _tasks(4, 5, "benchmark", "week4-05-benchmarking",
+    + _tasks(4, 6, "benchmark", "week4-06-benchmarking",
              "time_decode", "measure_costs", "compare_to_theory", "sample_match_acceptance")
 )
 
