@@ -116,7 +116,8 @@ TASKS: tuple = tuple(
               "FallbackController.verify_line", "FallbackController.goodput",
               "FallbackController.best_lookahead"),
              ("FallbackController: update, decide", "FallbackController.update",
-              "FallbackController.decide"),
+              "FallbackController.decide"))
+    + _tasks(4, 4, "fallback", "week4-04-fallback-loops",
              "fallback_generate", "batched_fallback_decode")
     + _tasks(4, 5, "serving", "week4-05-serving",
              "find_stop", "prefill_request", "Scheduler.admit", "Scheduler.step")
