@@ -1,10 +1,10 @@
 """Kit tests: the provided half of the fallback controller and the loops' helpers.
 
-specdec/kit/fallback_policy.py is provided code (Week 4 Day 3): the constructor's checks and
+specdec/kit/fallback_policy.py is provided code (Week 4 Days 3-4): the constructor's checks and
 initial state, `verify_cost`, `could_win`, `probe_wait` (the probe budget), `memory_pressure`,
 `disable_draft` and the helpers the loops call. It runs here on the reference's
-FallbackController (the estimates it reads are Task 1's); the graded tests of the exercise are
-in tests/test_week_4_day_3.py.
+FallbackController (the estimates it reads are Day 3 Task 1's); the graded tests of the exercise
+are in tests/test_week_4_day_3.py (the controller) and tests/test_week_4_day_4.py (the loops).
 """
 
 import warnings

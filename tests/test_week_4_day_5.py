@@ -1,8 +1,8 @@
-"""Week 4 Day 4 — serving with continuous batching: find_stop (task 1), prefill_request (task 2),
+"""Week 4 Day 5 — serving with continuous batching: find_stop (task 1), prefill_request (task 2),
 Scheduler.admit (task 3), Scheduler.step (task 4); and the kit's HTTP server (test_server_*).
 
-Book: book/src/week4-04-serving.md. Grade with
-    pytest tests/test_week_4_day_4.py --impl student -k task_1
+Book: book/src/week4-05-serving.md. Grade with
+    pytest tests/test_week_4_day_5.py --impl student -k task_1
 
 The task tests run the scheduler in-process on toy models. The server tests (`test_server_*`)
 start `python -m specdec.kit.server` on 127.0.0.1 and talk to it with the `openai` client and
@@ -651,7 +651,7 @@ def test_server_disconnect_frees_the_row(server):
     assert json.loads(get(server, "/health"))["running"] == 0, "no row is left running"
 
 
-# Day 4 key discipline (issue 19): keys from the seed and the row's progress, never reused ---------
+# Day 5 key discipline (issue 19): keys from the seed and the row's progress, never reused ---------
 def chi_square_p(counts: np.ndarray, expected: np.ndarray) -> float:
     """Pearson's chi-square p-value, cells with expected < 5 pooled into one."""
     counts, expected = counts.ravel(), expected.ravel()

@@ -1,7 +1,7 @@
-"""Week 4 Day 5 — benchmarking you can defend: timed sweeps, and the theory next to them.
+"""Week 4 Day 6 — benchmarking you can defend: timed sweeps, and the theory next to them.
 
-Book: book/src/week4-05-benchmarking.md. Grade with
-    pytest tests/test_week_4_day_5.py --impl student -k task_1
+Book: book/src/week4-06-benchmarking.md. Grade with
+    pytest tests/test_week_4_day_6.py --impl student -k task_1
 
 The timing tasks are graded with a fake clock and fake decoders, so they are exact and fast;
 the suite itself (kit) is checked end to end on toy models by `test_suite_quick_*`.

@@ -1,4 +1,4 @@
-"""Week 4 Day 5 — benchmarking you can defend: timed sweeps, and the theory next to them.
+"""Week 4 Day 6 — benchmarking you can defend: timed sweeps, and the theory next to them.
 
 A speed-up is a ratio of two medians measured the same way: same prompts, same output lengths,
 warm-up first, then the Week 2 Day 5 prediction E / (K c + v(K)) at the measured alpha, c and

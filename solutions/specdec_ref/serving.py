@@ -1,4 +1,4 @@
-"""Week 4 Day 4 — serving: continuous batching, one speculative round at a time.
+"""Week 4 Day 5 — serving: continuous batching, one speculative round at a time.
 
 A server gets requests at any moment, each with its own prompt, max_tokens, temperature, seed
 and stop strings. Continuous batching keeps one batched speculative decoder running: between two

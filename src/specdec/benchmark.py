@@ -1,4 +1,4 @@
-"""Week 4 Day 5 — benchmarking you can defend: timed sweeps, and the theory next to them.
+"""Week 4 Day 6 — benchmarking you can defend: timed sweeps, and the theory next to them.
 
 A speed-up is a ratio of two medians measured the same way: same prompts, same output lengths,
 warm-up first, then the Week 2 Day 5 prediction E / (K c + v(K)) at the measured alpha, c and
@@ -38,7 +38,7 @@ def time_decode(
              "seconds": [seconds per prompt], "outputs": [list of tokens per prompt]}.
     Raises ValueError if prompts is empty, max_tokens < 1 or warmup < 0.
     """
-    raise NotImplementedError("Week 4 Day 5 Task 1: time_decode — see book/src/week4-05-benchmarking.md")
+    raise NotImplementedError("Week 4 Day 6 Task 1: time_decode — see book/src/week4-06-benchmarking.md")
 
 
 def measure_costs(
@@ -52,7 +52,7 @@ def measure_costs(
              "target_step_s": t_target(1), "draft_step_s": t_draft(1)}.
     Raises ValueError if ks is empty or holds a K < 1.
     """
-    raise NotImplementedError("Week 4 Day 5 Task 2: measure_costs — see book/src/week4-05-benchmarking.md")
+    raise NotImplementedError("Week 4 Day 6 Task 2: measure_costs — see book/src/week4-06-benchmarking.md")
 
 
 def compare_to_theory(alpha: float, k: int, c: float, v: float, measured_speedup: float) -> dict:
@@ -64,7 +64,7 @@ def compare_to_theory(alpha: float, k: int, c: float, v: float, measured_speedup
              "relative_error": (measured - predicted) / predicted} (positive: faster than
     predicted). Raises ValueError if measured_speedup <= 0 (and as `expected_speedup` does).
     """
-    raise NotImplementedError("Week 4 Day 5 Task 3: compare_to_theory — see book/src/week4-05-benchmarking.md")
+    raise NotImplementedError("Week 4 Day 6 Task 3: compare_to_theory — see book/src/week4-06-benchmarking.md")
 
 
 def sample_match_acceptance(p_target: mx.array, q_draft: mx.array) -> mx.array:
@@ -75,4 +75,4 @@ def sample_match_acceptance(p_target: mx.array, q_draft: mx.array) -> mx.array:
     probability sum_x q(x) p(x). Exact rejection sampling keeps sum_x min(p(x), q(x)) >= that.
     p_target, q_draft: float [..., V], rows summing to 1. Returns float32 [...].
     """
-    raise NotImplementedError("Week 4 Day 5 Task 4: sample_match_acceptance — see book/src/week4-05-benchmarking.md")
+    raise NotImplementedError("Week 4 Day 6 Task 4: sample_match_acceptance — see book/src/week4-06-benchmarking.md")

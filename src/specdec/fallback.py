@@ -1,4 +1,8 @@
-"""Week 4 Day 3 — fallback: speculation that never loses.
+"""Week 4 Days 3-4 — fallback: speculation that never loses.
+
+Day 3 (book/src/week4-03-fallback.md): the controller, `FallbackController` (Tasks 1-2).
+Day 4 (book/src/week4-04-fallback-loops.md): the loops that run its decisions,
+`fallback_generate` and `batched_fallback_decode` (Tasks 1-2 of that day).
 
 Speculative decoding only pays when E(alpha, K) / (K * c + v(K)) > 1 (Week 2 Day 5). On a GPU
 where a tiny draft costs as much per call as the target, with a slow BLAS where a K-token verify
@@ -18,8 +22,8 @@ Provided (read it: specdec/kit/fallback_policy.py): the controller's base class 
 `probe_wait`, the generous alpha before MIN_ROUNDS, `memory_pressure`, `disable_draft`) and the
 loops' fault handling (a draft that raises: continue on the target alone; memory pressure: lower
 K, then the batch, and retry the round; the batched draft's DRAFT_WINDOW; the shortest-row rule).
-You write the estimates, `update` and `decide`, and the two loops with K = 0 rounds. Nothing
-emitted is lost or repeated.
+You write the estimates, `update` and `decide` (Day 3), and the two loops with K = 0 rounds
+(Day 4). Nothing emitted is lost or repeated.
 """
 
 import time
@@ -55,7 +59,7 @@ class FallbackController(ControllerBase):
     probe_wait and refinements. This class adds the estimates (Task 1) and the decisions (Task 2).
     """
 
-    # Task 1: estimates --------------------------------------------------------------------------
+    # Day 3 Task 1: estimates ----------------------------------------------------------------------
     def alpha(self) -> Optional[float]:
         """Truncation-aware acceptance over `rounds`: sum(n) / sum(n + [n < K]), per row.
 
@@ -103,7 +107,7 @@ class FallbackController(ControllerBase):
         """
         raise NotImplementedError("Week 4 Day 3 Task 1: FallbackController.best_lookahead — see book/src/week4-03-fallback.md")
 
-    # Task 2: hysteresis and probing ----------------------------------------------------------------
+    # Day 3 Task 2: hysteresis and probing ---------------------------------------------------------
     def update(
         self,
         num_drafted: int,
@@ -148,7 +152,7 @@ class FallbackController(ControllerBase):
         raise NotImplementedError("Week 4 Day 3 Task 2: FallbackController.decide — see book/src/week4-03-fallback.md")
 
 
-# Task 3: the single-stream loop --------------------------------------------------------------------
+# Day 4 Task 1: the single-stream loop -------------------------------------------------------------
 def fallback_generate(
     decoder,
     controller,
@@ -193,10 +197,10 @@ def fallback_generate(
         left holding rejected drafts is made again (make_prompt_cache) and so re-filled from
         the committed tokens by the next plain round.
     """
-    raise NotImplementedError("Week 4 Day 3 Task 3: fallback_generate — see book/src/week4-03-fallback.md")
+    raise NotImplementedError("Week 4 Day 4 Task 1: fallback_generate — see book/src/week4-04-fallback-loops.md")
 
 
-# Task 4: the batched loop ---------------------------------------------------------------------------
+# Day 4 Task 2: the batched loop -------------------------------------------------------------------
 def batched_fallback_decode(
     batch_prompts: list[list[int]],
     draft_model,
@@ -234,4 +238,4 @@ def batched_fallback_decode(
     then `finish_in_halves`); memory_limit_mb exceeded after a round -> memory_pressure(), and
     `finish_in_halves` when it returns False with B > 1.
     """
-    raise NotImplementedError("Week 4 Day 3 Task 4: batched_fallback_decode — see book/src/week4-03-fallback.md")
+    raise NotImplementedError("Week 4 Day 4 Task 2: batched_fallback_decode — see book/src/week4-04-fallback-loops.md")

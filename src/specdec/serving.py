@@ -1,4 +1,4 @@
-"""Week 4 Day 4 — serving: continuous batching, one speculative round at a time.
+"""Week 4 Day 5 — serving: continuous batching, one speculative round at a time.
 
 A server gets requests at any moment, each with its own prompt, max_tokens, temperature, seed
 and stop strings. Continuous batching keeps one batched speculative decoder running: between two
@@ -48,7 +48,7 @@ def find_stop(text: str, stop: Sequence[str]) -> tuple[int, bool]:
         tokens may complete the stop string (streaming must never send what a stop string cuts).
     With no stop strings, (len(text), False).
     """
-    raise NotImplementedError("Week 4 Day 4 Task 1: find_stop — see book/src/week4-04-serving.md")
+    raise NotImplementedError("Week 4 Day 5 Task 1: find_stop — see book/src/week4-05-serving.md")
 
 
 # Task 2: a new row ------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ def prefill_request(draft_model, target_model, prompt: list[int]) -> tuple[Optio
     Evaluate the caches (`mx.eval` of each layer's state) before returning: prefill work is done
     here, not in the next round.
     """
-    raise NotImplementedError("Week 4 Day 4 Task 2: prefill_request — see book/src/week4-04-serving.md")
+    raise NotImplementedError("Week 4 Day 5 Task 2: prefill_request — see book/src/week4-05-serving.md")
 
 
 class Scheduler(SchedulerBase):
@@ -101,7 +101,7 @@ class Scheduler(SchedulerBase):
             target), it is appended to `rows`, and gets its key: mx.random.key(request.seed).
         Returns the Events of the requests that ended here (empty when all joined).
         """
-        raise NotImplementedError("Week 4 Day 4 Task 3: Scheduler.admit — see book/src/week4-04-serving.md")
+        raise NotImplementedError("Week 4 Day 5 Task 3: Scheduler.admit — see book/src/week4-05-serving.md")
 
     # Task 4: one round ----------------------------------------------------------------------------
     def step(self) -> list[Event]:
@@ -139,4 +139,4 @@ class Scheduler(SchedulerBase):
         (`coupling.seeded_generate` with its seed, temperature and top_p), whatever K each round
         used, its drafts and its batch-mates.
         """
-        raise NotImplementedError("Week 4 Day 4 Task 4: Scheduler.step — see book/src/week4-04-serving.md")
+        raise NotImplementedError("Week 4 Day 5 Task 4: Scheduler.step — see book/src/week4-05-serving.md")

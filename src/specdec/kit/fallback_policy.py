@@ -1,9 +1,10 @@
-"""Provided (Week 4 Day 3): the fallback controller's refinements, and the loops' fault handling.
+"""Provided (Week 4 Days 3-4): the fallback controller's refinements, and the loops' fault handling.
 
-Read this; you do not write it. Day 3's exercise (`fallback.py`) is the controller's core —
+Read this; you do not write it. The exercise (`fallback.py`) is the controller's core on Day 3 —
 the estimates, goodput and the best K, hysteresis, probing with backoff — and the two loops with
-K = 0 rounds. Everything here is what a run on the course's machine lost without, measured in
-the chapter (book/src/week4-03-fallback.md, "Each rule of the controller is there because ..."):
+K = 0 rounds on Day 4. Everything here is what a run on the course's machine lost without,
+measured in the chapters (book/src/week4-03-fallback.md, book/src/week4-04-fallback-loops.md,
+"Each rule of the controller is there because ..."):
 
 `ControllerBase`, the base class of both trees' `FallbackController`:
   - the constructor: its checks and every attribute the estimates and decisions read;

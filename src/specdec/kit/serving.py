@@ -1,4 +1,4 @@
-"""Provided code of Week 4 Day 4 (serving), imported by both trees' `serving.py`.
+"""Provided code of Week 4 Day 5 (serving), imported by both trees' `serving.py`.
 
 `Request`, `Event`, `join_caches`, `draft_rows`, the per-request sampling rules (`SamplingRule`:
 `RejectionSampling`, `CoupledSampling`), and `SchedulerBase`: the scheduler's `__init__`,
@@ -278,7 +278,7 @@ def _tree_module(obj, name: str):
 
 
 class SchedulerBase:
-    """The provided half of the Week 4 Day 4 `Scheduler` (the exercise adds admit and step)."""
+    """The provided half of the Week 4 Day 5 `Scheduler` (the exercise adds admit and step)."""
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 """The benchmark suite: `specdec bench --suite`, or `python -m specdec.kit.suite`.
 
-Every setting the course built, measured the same way (Week 4 Day 5): the same held-out prompts,
+Every setting the course built, measured the same way (Week 4 Day 6): the same held-out prompts,
 outputs of equal length (EOS ignored), a warm-up first, medians over prompts, and the Week 2 Day 5
 prediction at the measured alpha, c and v(K) next to each fixed-K speed-up. Sections:
 

@@ -116,11 +116,12 @@ TASKS: tuple = tuple(
               "FallbackController.verify_line", "FallbackController.goodput",
               "FallbackController.best_lookahead"),
              ("FallbackController: update, decide", "FallbackController.update",
-              "FallbackController.decide"),
+              "FallbackController.decide"))
+    + _tasks(4, 4, "fallback", "week4-04-fallback-loops",
              "fallback_generate", "batched_fallback_decode")
-    + _tasks(4, 4, "serving", "week4-04-serving",
+    + _tasks(4, 5, "serving", "week4-05-serving",
              "find_stop", "prefill_request", "Scheduler.admit", "Scheduler.step")
-    + _tasks(4, 5, "benchmark", "week4-05-benchmarking",
+    + _tasks(4, 6, "benchmark", "week4-06-benchmarking",
              "time_decode", "measure_costs", "compare_to_theory", "sample_match_acceptance")
     + _tasks(5, 1, "coupling", "week5-01-drafter-invariant-sampling",
              "gumbel_noise",

@@ -4,8 +4,8 @@
     specdec generate --plain               # the target alone, one token per call
     specdec generate --impl student        # the same with your own tree (src/specdec)
     specdec bench --prompts 10             # plain vs speculative: tokens/s, speedup, acceptance
-    specdec bench --suite --out report     # the Week 4 Day 5 suite: JSON, Markdown, plots
-    specdec serve --port 8000              # an OpenAI-compatible server (Week 4 Day 4)
+    specdec bench --suite --out report     # the Week 4 Day 6 suite: JSON, Markdown, plots
+    specdec serve --port 8000              # an OpenAI-compatible server (Week 4 Day 5)
     specdec grade --week 2                 # your scoreboard
     specdec doctor                         # MLX, device, BLAS, embedded models
 

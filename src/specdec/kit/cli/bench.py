@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     b.add_argument("--eos", action="store_true", help="stop at EOS (default: ignore it, equal lengths)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--suite", action="store_true",
-                   help="the full benchmark suite of Week 4 Day 5 instead (JSON, Markdown, plots; "
+                   help="the full benchmark suite of Week 4 Day 6 instead (JSON, Markdown, plots; "
                         "its own flags: `specdec bench --suite --help`)")
     b.set_defaults(func=run)
 

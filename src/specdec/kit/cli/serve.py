@@ -1,4 +1,4 @@
-"""`specdec serve`: the OpenAI-compatible server of Week 4 Day 4 (kit.server owns its flags)."""
+"""`specdec serve`: the OpenAI-compatible server of Week 4 Day 5 (kit.server owns its flags)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ def add_parser(sub) -> None:
     # Listed here for `specdec --help`; `main` hands every argument after `serve` to
     # kit.server.main, whose own parser documents them (`specdec serve --help`).
     sub.add_parser("serve", add_help=False,
-                   help="an OpenAI-compatible HTTP server with continuous batching (Week 4 Day 4)")
+                   help="an OpenAI-compatible HTTP server with continuous batching (Week 4 Day 5)")
 
 
 def run(argv: list[str]) -> int:

@@ -1,4 +1,4 @@
-"""`specdec serve`: an OpenAI-compatible HTTP server over the Week 4 Day 4 scheduler (kit).
+"""`specdec serve`: an OpenAI-compatible HTTP server over the Week 4 Day 5 scheduler (kit).
 
     python -m specdec.kit.server --port 8000                       # the embedded pair
     python -m specdec.kit.server --target toy-llama --port 8000    # random tiny llamas, 64 chars
