@@ -2,6 +2,7 @@
 
     python scripts/bench_fallback.py                       # all four regimes, 5 prompts, 128 tokens
     python scripts/bench_fallback.py --regime batch8 --prompts 3 --max-tokens 64    # a short run
+    python scripts/bench_fallback.py --regime heldout      # controller vs the best fixed K, T = 0 and 1
 
 Regimes (the embedded pair unless said otherwise, greedy, EOS ignored so lengths are equal):
   openblas   OpenBLAS preloaded: speculation wins (the controller must keep >= 1.8x plain)
@@ -17,6 +18,14 @@ median(mode seconds), and a regime reports the median over prompts. It also repo
 figure with its 95 % confidence interval: plain seconds / mode seconds within each repeat (the
 same prompt, seconds apart), their geometric mean over all prompts and repeats, and a Student t
 interval on the log-ratios: it uses every run, and it says how sure the run is.
+--regime heldout (not part of `all`): where speculation wins (OpenBLAS, one stream), does the
+controller keep the win on prompts nobody tuned it on? It skips the held-out prompts the four
+regimes use (`--skip`, default 5), takes the next `--prompts` (default 12), and runs plain decoding,
+fixed K = 1 .. --k and the controller as the CLI builds it (K_max = initial K = --k) interleaved
+in Williams orders, at temperature 0 and at temperature 1 (every mode of a repeat gets the same
+key). It reports each mode's paired ratio against plain, and the controller's paired ratio
+against the best fixed K (the K with the best paired figure at that temperature) and against
+fixed K = --k: the bar is >= 0.95x where speculation wins.
 Memory (the seed's production target "< 2x baseline"): peak MLX memory of one plain run and one
 speculative run; the baseline excludes the draft's weights, which sit in memory in both.
 --control adds an A/A ratio: plain decoding timed a second time in the same orders, against
@@ -35,7 +44,8 @@ import subprocess
 import sys
 import time
 
-REGIMES = ["openblas", "bundled", "batch8", "same-size"]
+REGIMES = ["openblas", "bundled", "batch8", "same-size"]  # --regime all
+EXTRA_REGIMES = ["heldout"]  # run only when named
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 
 
@@ -60,6 +70,107 @@ def paired_ratio(plain: list[float], mode: list[float]) -> tuple[float, float, f
         return math.exp(mean), math.nan, math.nan
     half = stats.t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def ratio_of(paired_logs: list[float]) -> tuple[float, float, float]:
+    """paired_ratio on precomputed log-ratios (exp of their mean, and its 95 % t interval)."""
+    return paired_ratio([math.exp(x) for x in paired_logs], [1.0] * len(paired_logs))
+
+
+def heldout_child(args) -> dict:
+    """Controller vs fixed K = 1 .. k on held-out prompts, greedy and sampled (one stream, OpenBLAS)."""
+    import mlx.core as mx
+    import scipy.stats  # noqa: F401  (paired_ratio needs it: fail now, not after the runs)
+
+    from specdec.kit.cli import bench_prompts
+    from specdec.kit.loading import load_pair
+    from specdec.kit.stats import SpecStats
+    from specdec.kit.timing import blas_info
+    from specdec_ref.draft import SpeculativeDecoder
+    from specdec_ref.fallback import FallbackController, fallback_generate
+    from specdec_ref.generate import generate_tokens
+    from specdec_ref.speculative import speculative_generate
+
+    target, draft, tokenizer = load_pair("tiny-code", "tiny-code-draft")
+    texts = bench_prompts("tiny-code", args.skip + args.prompts)[args.skip :]
+    encoded = [mx.array(tokenizer.encode(text), dtype=mx.int32) for _, text in texts]
+    ks = list(range(1, args.k + 1))
+    modes = ["plain"] + [f"K={k}" for k in ks] + ["controller"]
+
+    def run(mode: str, prompt, temperature: float, key, stats):
+        if mode == "plain":
+            return list(generate_tokens(target, prompt, args.max_tokens, temperature, key))
+        k = args.k if mode == "controller" else int(mode[2:])
+        decoder = SpeculativeDecoder(draft, target, lookahead=k)
+        if mode == "controller":  # as the CLI builds it (make_controller): K_max = initial K = --k
+            controller = FallbackController(max_lookahead=args.k, initial_lookahead=args.k)
+            stream = fallback_generate(decoder, controller, prompt, args.max_tokens, temperature, key,
+                                       stats=stats)
+        else:
+            stream = speculative_generate(decoder, prompt, args.max_tokens, temperature, key, stats=stats)
+        return [t for t, _ in stream]
+
+    for mode in modes:  # warm-up: kernels, allocator caches
+        run(mode, encoded[0], 1.0, mx.random.key(0), None)
+    orders = williams_orders(len(modes))
+    results = {}
+    for temperature in (0.0, 1.0):
+        seconds = {m: [] for m in modes}  # one entry per (prompt, repeat), paired across modes
+        prompts, identical = [], True
+        for g, prompt in enumerate(encoded):
+            per_prompt = {m: [] for m in modes}
+            for r in range(args.repeats):
+                key = mx.random.key(1000 * g + r) if temperature > 0 else None
+                outs = {}
+                for mode in (modes[i] for i in orders[(g * args.repeats + r) % len(orders)]):
+                    st = SpecStats()
+                    start = time.perf_counter()
+                    outs[mode] = run(mode, prompt, temperature, key, st)
+                    per_prompt[mode].append(time.perf_counter() - start)
+                    if mode == "controller":
+                        trace = "".join(str(k) for k in st.lookahead_per_round)
+                if temperature == 0:
+                    identical &= all(outs[m] == outs["plain"] for m in modes)
+            for m in modes:
+                seconds[m] += per_prompt[m]
+            ctrl = statistics.median(per_prompt["controller"])
+            best_here = min(statistics.median(per_prompt[m]) for m in modes[1:-1])
+            prompts.append({"name": texts[g][0], "tokens": int(prompt.size),
+                            "controller_vs_best_fixed_here": best_here / ctrl,
+                            "controller_vs_plain": statistics.median(per_prompt["plain"]) / ctrl,
+                            "k_trace_last_repeat": trace})
+            print(f"  [heldout T={temperature:g}] prompt {g + 1}/{len(encoded)} {texts[g][0]}: controller "
+                  f"{prompts[-1]['controller_vs_plain']:.2f}x plain, {prompts[-1]['controller_vs_best_fixed_here']:.2f}x "
+                  f"its best fixed K; K per round {trace}", file=sys.stderr, flush=True)
+        vs_plain = {m: paired_ratio(seconds["plain"], seconds[m]) for m in modes[1:]}
+        best = max((m for m in modes[1:-1]), key=lambda m: vs_plain[m][0])
+        results[f"{temperature:g}"] = {
+            "vs_plain": vs_plain,
+            "best_fixed": best,
+            "controller_vs_best_fixed": paired_ratio(seconds[best], seconds["controller"]),
+            "controller_vs_fixed_k": paired_ratio(seconds[f"K={args.k}"], seconds["controller"]),
+            "all_identical": identical if temperature == 0 else None,
+            "prompts": prompts,
+            "seconds": seconds,
+        }
+    return {"regime": "heldout", "blas": blas_info()["blas"], "device": str(mx.default_device()),
+            "k": args.k, "skip": args.skip, "prompts": args.prompts, "max_tokens": args.max_tokens,
+            "repeats": args.repeats, "modes": modes, "temperatures": results}
+
+
+def heldout_report(r: dict) -> None:
+    print(f"# held-out prompts {r['skip'] + 1}..{r['skip'] + r['prompts']} (not the four regimes' {r['skip']}), "
+          f"{r['max_tokens']} tokens, {r['repeats']} interleaved repeats, {r['blas']}, one stream; "
+          f"controller: K_max = initial K = {r['k']}")
+    print("# paired: seconds ratio within each repeat, geometric mean over prompts x repeats [95 % t interval]")
+    for temperature, t in r["temperatures"].items():
+        cells = "  ".join(f"{m} {g:.2f}x [{lo:.2f}, {hi:.2f}]" for m, (g, lo, hi) in t["vs_plain"].items())
+        print(f"T={temperature}  vs plain: {cells}")
+        g, lo, hi = t["controller_vs_best_fixed"]
+        gk, lok, hik = t["controller_vs_fixed_k"]
+        print(f"T={temperature}  controller vs best fixed ({t['best_fixed']}): {g:.3f}x [{lo:.3f}, {hi:.3f}]   "
+              f"vs K={r['k']}: {gk:.3f}x [{lok:.3f}, {hik:.3f}]"
+              + ("" if t["all_identical"] is None else f"   identical: {'yes' if t['all_identical'] else 'NO'}"))
 
 
 def child(args) -> dict:
@@ -176,6 +287,8 @@ def child(args) -> dict:
 
 def parent(args) -> int:
     regimes = REGIMES if args.regime == "all" else [args.regime]
+    if args.prompts is None:
+        args.prompts = 12 if args.regime == "heldout" else 5
     results = []
     for regime in regimes:
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -188,10 +301,18 @@ def parent(args) -> int:
         command = [sys.executable, __file__, "--child", regime, "--prompts", str(args.prompts),
                    "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats), "--k", str(args.k)]
         command += ["--control"] if args.control else []
+        command += ["--skip", str(args.skip)]
         done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
         results.append(json.loads(done.stdout))
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(results, f, indent=1)
     if args.json:
         print(json.dumps(results, indent=1))
+        return 0
+    if args.regime == "heldout":
+        print(f"# {' '.join(['python', 'scripts/bench_fallback.py'] + sys.argv[1:])}")
+        heldout_report(results[0])
         return 0
     print(f"# {' '.join(['python', 'scripts/bench_fallback.py'] + sys.argv[1:])}")
     print(f"# greedy, K = {args.k} (fixed) / initial K = {args.k} (controller), {args.max_tokens} tokens, "
@@ -219,18 +340,21 @@ def parent(args) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--regime", choices=["all"] + REGIMES, default="all")
-    p.add_argument("--prompts", type=int, default=5)
+    p.add_argument("--regime", choices=["all"] + REGIMES + EXTRA_REGIMES, default="all")
+    p.add_argument("--prompts", type=int, default=None, help="prompts (batches): 5, or 12 for heldout")
+    p.add_argument("--skip", type=int, default=5,
+                   help="heldout: skip this many held-out prompts (the ones the four regimes use)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--k", type=int, default=4, help="fixed K, and the controller's initial K")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--save", metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--control", action="store_true",
                    help="also time plain decoding a second time (an A/A ratio: this machine's noise floor)")
-    p.add_argument("--child", choices=REGIMES, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=REGIMES + EXTRA_REGIMES, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args)))
+        print(json.dumps(heldout_child(args) if args.child == "heldout" else child(args)))
         return 0
     return parent(args)
 
