@@ -32,7 +32,7 @@ class MedusaHeads(nn.Module):
         Keeps `hidden_size`, `num_heads`, and `blocks`: K `nn.Linear(D, D)` (with bias), whose
         weights and biases start at zero, so that a fresh head k is exactly the LM head.
         """
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): tests graft this method onto your class
         if hidden_size < 1 or num_heads < 1:
             raise ValueError(f"hidden_size={hidden_size} and num_heads={num_heads} must be >= 1")
         self.hidden_size, self.num_heads = hidden_size, num_heads
@@ -58,7 +58,7 @@ class MedusaHeads(nn.Module):
 
 
 def medusa_loss(
-    heads: MedusaHeads, hidden: mx.array, target_logprobs: mx.array, lm_head: Callable
+    heads: "MedusaHeads", hidden: mx.array, target_logprobs: mx.array, lm_head: Callable
 ) -> mx.array:
     """Self-distillation loss of each head against the frozen target's own predictions.
 
@@ -111,7 +111,7 @@ def medusa_tree(head_logits: mx.array, widths: Sequence[int]) -> tuple[list[int]
 
 def medusa_generate(
     target_model,
-    heads: MedusaHeads,
+    heads: "MedusaHeads",
     prompt_tokens: mx.array,
     max_tokens: int,
     eos_token_ids: Sequence[int] = (),
@@ -170,7 +170,7 @@ def medusa_generate(
 
 def medusa_sample_generate(
     target_model,
-    heads: MedusaHeads,
+    heads: "MedusaHeads",
     prompt_tokens: mx.array,
     max_tokens: int,
     key: mx.array,

@@ -50,6 +50,7 @@ EXERCISE_MODULES = [
     "fallback",
     "serving",
     "benchmark",
+    "medusa",
 ]
 
 _STUB_TAG = re.compile(r"^(Week \d+ Day \d+ Task \d+): ")

@@ -126,6 +126,9 @@ TASKS: tuple = tuple(
              "find_stop", "prefill_request", "Scheduler.admit", "Scheduler.step")
     + _tasks(4, 5, "benchmark", "week4-05-benchmarking",
              "time_decode", "measure_costs", "compare_to_theory", "sample_match_acceptance")
+    + _tasks(5, 2, "medusa", "week5-02-medusa-heads",
+             ("MedusaHeads", "MedusaHeads.__init__", "MedusaHeads.__call__"),
+             "medusa_loss", "medusa_tree", "medusa_generate", "medusa_sample_generate")
 )
 
 _BY_KEY = {t.key: t for t in TASKS}
