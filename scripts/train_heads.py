@@ -61,14 +61,15 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def token_windows(tokenizer_path: Path, context: int):
+def token_windows(tokenizer_path: Path, context: int, train: bool = True):
+    """(train windows or None, held-out windows) of context + 1 tokens, by the target's tokenizer."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_path))
-    train, heldout = load_corpus(256_000)
-    train_win = windows(encode_stream(tok, [t for _, t in train]), context)
+    train_files, heldout = load_corpus(256_000)
+    train_win = windows(encode_stream(tok, [t for _, t in train_files]), context) if train else None
     val_win = windows(encode_stream(tok, [t for _, t in heldout]), context)
-    return tok, train_win, val_win
+    return train_win, val_win
 
 
 def features(fm: FeatureModel, tokens: np.ndarray, batch: int) -> mx.array:
@@ -99,7 +100,7 @@ def train(a) -> None:
     target.freeze()
     fm = FeatureModel(target)
     t0 = time.perf_counter()
-    _, train_win, val_win = token_windows(Path(resolve_model_path("tiny-code")) / "tokenizer.json",
+    train_win, val_win = token_windows(Path(resolve_model_path("tiny-code")) / "tokenizer.json",
                                           a.context)
     rng = np.random.default_rng(a.seed)
     chosen = train_win[rng.choice(len(train_win), a.windows, replace=False)][:, :-1]
@@ -157,60 +158,65 @@ def train(a) -> None:
     log(f"saved {a.out} ({seconds:.0f}s in all)")
 
 
+def run_(run, prompt, stats):
+    return list(run(prompt, stats))
+
+
 def bench(a) -> None:
     """Held-out prompts: Medusa vs plain vs the draft-model path, interleaved per prompt."""
-    from mlx_lm.models.cache import make_prompt_cache  # noqa: F401  (mlx-lm is the plain path)
-
     from specdec.kit.stats import SpecStats
-    from specdec_ref.generate import generate_greedy
+    from specdec_ref.draft import SpeculativeDecoder
+    from specdec_ref.generate import generate_tokens
     from specdec_ref.medusa import medusa_generate
     from specdec_ref.speculative import speculative_generate
 
     target, tokenizer = load_model("tiny-code", dtype=mx.float32)
     draft, _ = load_model("tiny-code-draft", dtype=mx.float32)
     heads = load_heads(a.out, MedusaHeads, target)
-    _, _, val_win = token_windows(Path(resolve_model_path("tiny-code")) / "tokenizer.json", 64)
+    _, val_win = token_windows(Path(resolve_model_path("tiny-code")) / "tokenizer.json", 64,
+                               train=False)
     picks = val_win[np.linspace(0, len(val_win) - 1, a.prompts).astype(int)][:, :48]
     runs = {
-        "plain": lambda p, s: generate_greedy(target, p, a.max_tokens),
-        "draft model K=4": lambda p, s: speculative_generate(draft, target, p, a.max_tokens,
-                                                              lookahead=4, stats=s),
+        "plain": lambda p, s: generate_tokens(target, mx.array(p), a.max_tokens),
+        "draft model K=4": lambda p, s: speculative_generate(
+            SpeculativeDecoder(draft, target, lookahead=4), mx.array(p), a.max_tokens, stats=s),
     }
     for widths in ([1, 1, 1], [1, 1, 1, 1], [2, 2, 1], [3, 2, 1, 1]):
         runs[f"medusa {widths}"] = (lambda w: lambda p, s: medusa_generate(
             target, heads, p, a.max_tokens, stats=s, widths=w))(widths)
+    chains = {"draft model K=4", "medusa [1, 1, 1]", "medusa [1, 1, 1, 1]"}
+    names = list(runs)
     seconds = {name: [] for name in runs}
-    tokens = {name: 0 for name in runs}
     stats = {name: SpecStats() for name in runs}
     same = {name: 0 for name in runs}
-    for prompt in picks:
-        prompt = prompt.tolist()
-        plain = None
-        for name, run in runs.items():
+    for name in names:  # warm-up: first calls compile kernels and grow buffers
+        list(runs[name](picks[0].tolist(), SpecStats()))
+    for i, prompt in enumerate(picks):
+        prompt, outs = prompt.tolist(), {}
+        for name in names[i % len(names):] + names[: i % len(names)]:  # rotate the order
             t = time.perf_counter()
-            out = [tok if isinstance(tok, int) else tok[0] for tok in run(prompt, stats[name])]
-            out = [int(x) for x in out]
+            outs[name] = [int(x if isinstance(x, int) else x[0]) for x in run_(runs[name], prompt,
+                                                                          stats[name])]
             seconds[name].append(time.perf_counter() - t)
-            tokens[name] += len(out)
-            plain = out if plain is None else plain
-            same[name] += int(out == plain)
+        for name in names:
+            same[name] += int(outs[name] == outs["plain"])
     result = {}
     for name in runs:
         st = stats[name]
         per_prompt = [a.max_tokens / s for s in seconds[name]]
-        row = {"tokens_per_s_median": float(np.median(per_prompt)),
-               "tokens_per_s_iqr": [float(np.percentile(per_prompt, 25)),
-                                    float(np.percentile(per_prompt, 75))],
+        row = {"tokens_per_s_median": round(float(np.median(per_prompt)), 1),
+               "tokens_per_s_iqr": [round(float(np.percentile(per_prompt, q)), 1) for q in (25, 75)],
                "identical_to_plain": f"{same[name]}/{len(picks)}"}
         if st.rounds:
             spec = [(k, n) for k, n in zip(st.lookahead_per_round, st.accepted_per_round) if k]
-            row["mean_accepted_per_round"] = float(np.mean([n for _, n in spec]))
-            row["tokens_per_target_call"] = st.emitted / st.rounds
-            depth = max(k for k, _ in spec) if name.startswith("draft") else None
-            if depth:  # chain: acceptance of position i given positions < i accepted
-                row["accept_at_position"] = [
-                    float(np.mean([n > i for k, n in spec if n >= i and k > i]))
-                    for i in range(depth)]
+            row["mean_accepted_per_round"] = round(float(np.mean([n for _, n in spec])), 3)
+            row["tokens_per_target_call"] = round(st.emitted / st.rounds, 3)
+            row["draft_time_share"] = round(st.draft_time_s / max(1e-9, sum(seconds[name])), 3)
+            if name in chains:  # acceptance at position i given every earlier draft accepted
+                depth = max(k for k, _ in spec)
+                reached = [[n > i for k, n in spec if n >= i and k > i] for i in range(depth)]
+                row["accept_at_position"] = [round(float(np.mean(r)), 3) if r else None
+                                             for r in reached]
         result[name] = row
         log(f"{name:22s} {json.dumps(row)}")
     base = result["plain"]["tokens_per_s_median"]
