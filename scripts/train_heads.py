@@ -61,12 +61,20 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def token_windows(tokenizer_path: Path, context: int, train: bool = True):
-    """(train windows or None, held-out windows) of context + 1 tokens, by the target's tokenizer."""
+def token_windows(tokenizer_path: Path, context: int, train: bool = True, files: int = 0,
+                  seed: int = 0):
+    """(train windows or None, held-out windows) of context + 1 tokens, by the target's tokenizer.
+
+    files > 0: encode only that many training files, drawn with `seed` (encoding all of them
+    takes minutes on a busy machine, and a few hundred give more windows than we train on).
+    """
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_path))
     train_files, heldout = load_corpus(256_000)
+    if files and train:
+        pick = np.random.default_rng(seed).choice(len(train_files), files, replace=False)
+        train_files = [train_files[i] for i in sorted(pick)]
     train_win = windows(encode_stream(tok, [t for _, t in train_files]), context) if train else None
     val_win = windows(encode_stream(tok, [t for _, t in heldout]), context)
     return train_win, val_win
@@ -101,7 +109,7 @@ def train(a) -> None:
     fm = FeatureModel(target)
     t0 = time.perf_counter()
     train_win, val_win = token_windows(Path(resolve_model_path("tiny-code")) / "tokenizer.json",
-                                          a.context)
+                                       a.context, files=a.files, seed=a.seed)
     rng = np.random.default_rng(a.seed)
     chosen = train_win[rng.choice(len(train_win), a.windows, replace=False)][:, :-1]
     val = val_win[np.linspace(0, len(val_win) - 1, a.val_windows).astype(int)][:, :-1]
@@ -181,7 +189,7 @@ def bench(a) -> None:
         "draft model K=4": lambda p, s: speculative_generate(
             SpeculativeDecoder(draft, target, lookahead=4), mx.array(p), a.max_tokens, stats=s),
     }
-    for widths in ([1, 1, 1], [1, 1, 1, 1], [2, 2, 1], [3, 2, 1, 1]):
+    for widths in ([1, 1, 1], [1, 1, 1, 1], [2, 2, 1]):
         runs[f"medusa {widths}"] = (lambda w: lambda p, s: medusa_generate(
             target, heads, p, a.max_tokens, stats=s, widths=w))(widths)
     chains = {"draft model K=4", "medusa [1, 1, 1]", "medusa [1, 1, 1, 1]"}
@@ -231,18 +239,19 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=MEDUSA_HEADS)
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--context", type=int, default=128)
-    p.add_argument("--windows", type=int, default=512, help="training windows (precomputed)")
-    p.add_argument("--val-windows", type=int, default=32)
+    p.add_argument("--windows", type=int, default=192, help="training windows (precomputed)")
+    p.add_argument("--files", type=int, default=300, help="training files to draw windows from")
+    p.add_argument("--val-windows", type=int, default=16)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=32)
+    p.add_argument("--log-every", type=int, default=4)
+    p.add_argument("--eval-every", type=int, default=12)
     p.add_argument("--bench", action="store_true", help="measure the heads in --out instead")
-    p.add_argument("--prompts", type=int, default=12)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=48)
     a = p.parse_args(argv)
     assert EOS  # the corpus separator the target was trained with
     bench(a) if a.bench else train(a)

@@ -129,7 +129,7 @@ def test_task_2_head_k_learns_token_t_plus_1_plus_k(impl, use_ref, target):
     p = np.exp(np.array(target_logprobs, dtype=np.float64))
     for k in range(1, 4):
         want = -(p[:, k:] * logp[:, : 8 - k, k - 1]).sum(-1).mean()
-        wrong = {s: -(p[:, s:] * logp[:, : 8 - s, k - 1]).sum(-1).mean() for s in (k - 1, k + 1)}
+        wrong = {k - 1: -(p[:, k - 1 : 7] * logp[:, : 8 - k, k - 1]).sum(-1).mean()}
         got = float(loss[k - 1])
         hint = "".join(f" (graded against target_logprobs[:, t + {s}] it would be {w:.4f})"
                        for s, w in wrong.items() if abs(got - w) <= tolerance(w))
@@ -259,10 +259,6 @@ def test_task_4_drafts_come_from_the_verifying_forward(impl, use_ref, target):
         f"the heads ran {len(heads.seen)} times in {stats.speculative_rounds} drafting rounds: "
         f"once per round that drafts (not in the prefill, which has no hidden state yet); {BOOK}"
     )
-    assert stats.accepted > stats.rounds and stats.rejections > 2, (
-        f"heads that know the text should see many drafts accepted and a few rejected: "
-        f"{stats.accepted} accepted, {stats.rejections} rejected rounds; {BOOK}"
-    )
     # Round r drafts from the hidden state of the token before the newest one.
     emitted = 0
     for r, (seen, accepted) in enumerate(zip(heads.seen, stats.accepted_per_round)):
@@ -275,6 +271,10 @@ def test_task_4_drafts_come_from_the_verifying_forward(impl, use_ref, target):
             f"from the verifying tree call: the last accepted node's row, or the fed token's row "
             f"if no draft was accepted; {BOOK}"
         ))
+    assert stats.accepted > stats.rounds and stats.rejections > 2, (
+        f"heads that know the text should see many drafts accepted and a few rejected: "
+        f"{stats.accepted} accepted, {stats.rejections} rejected rounds; {BOOK}"
+    )
 
 
 def test_task_4_eos_and_errors(impl, use_ref, target):
@@ -315,7 +315,7 @@ def test_task_5_sampled_law_is_the_targets(impl, use_ref, target):
     False alarms: two chi-square tests at p < 1e-3 each, so at most 0.2 % of seeds would fail
     a correct loop; the seeds are fixed, so the outcome never changes from run to run."""
     use_ref(*SAMPLED_FOUNDATIONS)
-    heads, prompt, T, N = random_heads(impl, 2, scale=0.5), [3, 9, 2], 1.5, 1200
+    heads, prompt, T, N = random_heads(impl, 2, scale=0.0), [3, 9, 2], 2.0, 1200
     # Exact marginals by enumeration: p(t1), then p(t2 | t1), then p(t3 | t1, t2).
     def probs(batch):
         return np.array(mx.softmax(target(mx.array(batch))[:, -1] / T, axis=-1), dtype=np.float64)
