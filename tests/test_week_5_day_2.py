@@ -238,6 +238,21 @@ class OracleHeads(CountingHeads):
         return mx.array(logits)
 
 
+def check_hidden_sources(target, heads, stats, prompt, tokens):
+    """Each drafting round must draft from the hidden state of the token before the newest."""
+    emitted = 0
+    for r, (seen, accepted) in enumerate(zip(heads.seen, stats.accepted_per_round)):
+        emitted += accepted + 1  # what the round before this draft emitted
+        want = hidden_states(target, prompt + tokens[: emitted - 1])[-1]
+        assert seen.size == D, f"round {r + 2} drafts from one hidden state [D]; got {seen.shape}"
+        assert_close(seen.reshape(-1), want, (
+            f"round {r + 2} must draft from the hidden state of the last verified position "
+            f"(position {len(prompt) + emitted - 2}, the token before the newest one), taken "
+            f"from the verifying call: the last accepted draft's row, or the fed token's row "
+            f"if no draft was accepted; {BOOK}"
+        ))
+
+
 def test_task_4_drafts_come_from_the_verifying_forward(impl, use_ref, target):
     use_ref(*HEADS, *LOOP_FOUNDATIONS)
     prompt, max_tokens = PROMPTS[0], 30
@@ -259,18 +274,7 @@ def test_task_4_drafts_come_from_the_verifying_forward(impl, use_ref, target):
         f"the heads ran {len(heads.seen)} times in {stats.speculative_rounds} drafting rounds: "
         f"once per round that drafts (not in the prefill, which has no hidden state yet); {BOOK}"
     )
-    # Round r drafts from the hidden state of the token before the newest one.
-    emitted = 0
-    for r, (seen, accepted) in enumerate(zip(heads.seen, stats.accepted_per_round)):
-        emitted += accepted + 1  # what the round before this draft emitted
-        want = hidden_states(target, prompt + tokens[: emitted - 1])[-1]
-        assert seen.size == D, f"round {r + 2} drafts from one hidden state [D]; got {seen.shape}"
-        assert_close(seen.reshape(-1), want, (
-            f"round {r + 2} must draft from the hidden state of the last verified position "
-            f"(position {len(prompt) + emitted - 2}, the token before the newest one), taken "
-            f"from the verifying tree call: the last accepted node's row, or the fed token's row "
-            f"if no draft was accepted; {BOOK}"
-        ))
+    check_hidden_sources(target, heads, stats, prompt, tokens)
     assert stats.accepted > stats.rounds and stats.rejections > 2, (
         f"heads that know the text should see many drafts accepted and a few rejected: "
         f"{stats.accepted} accepted, {stats.rejections} rejected rounds; {BOOK}"
@@ -308,6 +312,23 @@ def test_task_5_temperature_zero_is_greedy(impl, use_ref, target):
             f"at T = 0 the drafts are one-hot and verification is greedy; {BOOK}"
         )
 
+
+def test_task_5_drafts_come_from_the_verifying_forward(impl, use_ref, target):
+    use_ref(*SAMPLED_FOUNDATIONS)
+    prompt, max_tokens = PROMPTS[0], 30
+    text = prompt + mlx_lm_greedy(target, prompt, max_tokens + 8)
+    heads = OracleHeads(text, hidden_states(target, text), 3)
+    fm, stats = FeatureModel(target), SpecStats()
+    tokens = [int(t) for t, _ in impl.medusa.medusa_sample_generate(
+        fm, heads, prompt, max_tokens, mx.random.key(0), temperature=0.0, stats=stats)]
+    assert tokens == text[len(prompt) : len(prompt) + max_tokens], (
+        f"temperature 0 yields the greedy text; got {tokens}; {BOOK}")
+    assert fm.calls == stats.rounds and len(heads.seen) == stats.speculative_rounds, (
+        f"{fm.calls} target calls and {len(heads.seen)} heads calls for {stats.rounds} rounds "
+        f"({stats.speculative_rounds} drafting): one target call per round, the heads once per "
+        f"drafting round; {BOOK}"
+    )
+    check_hidden_sources(target, heads, stats, prompt, tokens)
 
 def test_task_5_sampled_law_is_the_targets(impl, use_ref, target):
     """Tokens 2 and 3 of a 4-token sample must follow the target's marginal laws. Round 2 drafts
