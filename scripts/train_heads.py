@@ -213,6 +213,7 @@ def bench(a) -> None:
         st = stats[name]
         per_prompt = [a.max_tokens / s for s in seconds[name]]
         row = {"tokens_per_s_median": round(float(np.median(per_prompt)), 1),
+               "ms_per_token_total": round(1e3 * sum(seconds[name]) / (a.max_tokens * len(picks)), 2),
                "tokens_per_s_iqr": [round(float(np.percentile(per_prompt, q)), 1) for q in (25, 75)],
                "identical_to_plain": f"{same[name]}/{len(picks)}"}
         if st.rounds:
@@ -220,6 +221,8 @@ def bench(a) -> None:
             row["mean_accepted_per_round"] = round(float(np.mean([n for _, n in spec])), 3)
             row["tokens_per_target_call"] = round(st.emitted / st.rounds, 3)
             row["draft_time_share"] = round(st.draft_time_s / max(1e-9, sum(seconds[name])), 3)
+            row["draft_ms_per_round"] = round(1e3 * st.draft_time_s / st.rounds, 2)
+            row["verify_ms_per_round"] = round(1e3 * st.verify_time_s / st.rounds, 2)
             if name in chains:  # acceptance at position i given every earlier draft accepted
                 depth = max(k for k, _ in spec)
                 reached = [[n > i for k, n in spec if n >= i and k > i] for i in range(depth)]
