@@ -124,7 +124,7 @@ def test_task_2_head_k_learns_token_t_plus_1_plus_k(impl, use_ref, target):
     # A target law that is not the model's own, so that every shift gives a different loss.
     target_logprobs = nn.log_softmax(mx.random.normal((2, 8, V), key=mx.random.key(9)) * 2, -1)
     loss = impl.medusa.medusa_loss(heads, hidden, target_logprobs, lm_head_of(target))
-    assert loss.shape == (3,), f"medusa_loss returns one loss per head, [K] = (3,); got {loss.shape}"
+    assert loss.shape == (3,), f"medusa_loss returns one loss per head, [K] = (3,), not {loss.shape}"
     logp = np.array(nn.log_softmax(heads(hidden, lm_head_of(target)), -1), dtype=np.float64)
     p = np.exp(np.array(target_logprobs, dtype=np.float64))
     for k in range(1, 4):
@@ -152,7 +152,8 @@ def test_task_2_trains_heads_only_and_needs_long_texts(impl, use_ref, target):
     grads = tree_flatten(nn.value_and_grad(heads, total)(heads)[1])
     assert grads and all(mx.all(mx.isfinite(g)).item() for _, g in grads) and any(
         mx.any(g != 0).item() for _, g in grads), (
-        f"the loss must be differentiable in the heads' weights (finite, non-zero gradients); {BOOK}"
+        f"the loss must be differentiable in the heads' weights (finite, non-zero gradients); "
+        f"{BOOK}"
     )
     with raises(ValueError, "a text of L = 2 tokens cannot train K = 2 heads (head K needs a "
                 "position t with t + K < L): refuse L <= K"):
@@ -215,7 +216,7 @@ def test_task_4_greedy_identity(impl, use_ref, target, widths):
         assert got == want, (
             f"widths {widths}, prompt {prompt}, max_tokens {max_tokens}: got {got}, plain greedy "
             f"gives {want}. Medusa decoding must reproduce the target's greedy output token for "
-            f"token: verify the heads' tree with the target and keep only what it agrees with; {BOOK}"
+            f"token: verify the heads' tree with the target, keep only what it agrees with; {BOOK}"
         )
 
 
@@ -388,7 +389,8 @@ def test_task_5_seeded_and_errors(impl, use_ref, target):
 def test_shipped_heads_load_with_the_right_shapes(ref):
     """Smoke test of the asset (no decoding): the heads for the embedded target load and fit it."""
     if not (MEDUSA_HEADS / "config.json").exists():
-        pytest.fail(f"the trained heads are missing from {MEDUSA_HEADS}: run scripts/train_heads.py")
+        pytest.fail(f"the trained heads are missing from {MEDUSA_HEADS}: "
+                    "run scripts/train_heads.py")
     heads = load_heads(MEDUSA_HEADS, ref.medusa.MedusaHeads)
     assert heads.hidden_size == 512 and heads.num_heads >= 3
     assert all(b.weight.shape == (512, 512) for b in heads.blocks)

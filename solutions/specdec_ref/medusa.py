@@ -214,7 +214,8 @@ def medusa_sample_generate(
             n, new_tokens = verify_speculation(mx.array(drafts), logits, q_draft, temperature,
                                                key_verify)
         else:
-            n, new_tokens = 0, [sample_token(make_probs(logits[-1], temperature), key_verify).item()]
+            p_next = make_probs(logits[-1], temperature)
+            n, new_tokens = 0, [sample_token(p_next, key_verify).item()]
         trim_prompt_cache(cache, len(drafts) - n)
         hidden = fm.hidden[0, len(unseen) - 1 + n]
         unseen = new_tokens[-1:]
