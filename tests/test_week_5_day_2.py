@@ -124,7 +124,7 @@ def test_task_2_head_k_learns_token_t_plus_1_plus_k(impl, use_ref, target):
     # A target law that is not the model's own, so that every shift gives a different loss.
     target_logprobs = nn.log_softmax(mx.random.normal((2, 8, V), key=mx.random.key(9)) * 2, -1)
     loss = impl.medusa.medusa_loss(heads, hidden, target_logprobs, lm_head_of(target))
-    assert loss.shape == (3,), f"medusa_loss returns one loss per head, [K] = (3,), not {loss.shape}"
+    assert loss.shape == (3,), f"medusa_loss returns one loss per head, (3,), not {loss.shape}"
     logp = np.array(nn.log_softmax(heads(hidden, lm_head_of(target)), -1), dtype=np.float64)
     p = np.exp(np.array(target_logprobs, dtype=np.float64))
     for k in range(1, 4):
