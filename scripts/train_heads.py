@@ -244,7 +244,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=MEDUSA_HEADS)
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--context", type=int, default=128)
-    p.add_argument("--windows", type=int, default=192, help="training windows (precomputed)")
+    p.add_argument("--windows", type=int, default=384, help="training windows (precomputed)")
     p.add_argument("--files", type=int, default=300, help="training files to draw windows from")
     p.add_argument("--val-windows", type=int, default=16)
     p.add_argument("--epochs", type=int, default=2)
