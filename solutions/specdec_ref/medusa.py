@@ -96,12 +96,13 @@ def medusa_tree(head_logits: mx.array, widths: Sequence[int]) -> tuple[list[int]
         raise ValueError(
             f"widths {widths} must be 1 to {head_logits.shape[0]} ints >= 1: one per head"
         )
+    # One sort and one host sync for all levels; stable, so ties keep the lower id first.
+    ranked = mx.argsort(-head_logits[: len(widths)], axis=-1)[:, : max(widths)].tolist()
     tokens, parents, level = [], [], [-1]
     for d, width in enumerate(widths):
-        top = mx.argsort(-head_logits[d])[:width].tolist()  # stable: ties keep the lower id
         next_level = []
         for parent in level:
-            for token in top:
+            for token in ranked[d][:width]:
                 next_level.append(len(tokens))
                 tokens.append(token)
                 parents.append(parent)
