@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from scipy.stats import chisquare
 
 from specdec.kit.features import MEDUSA_HEADS, FeatureModel, lm_head_of, load_heads
-from specdec.kit.models import tiny_llama
+from specdec.kit.models import _seeded_weights, tiny_llama
 from specdec.kit.stats import SpecStats
 from support import BATCHED_FOUNDATIONS, assert_close, mlx_lm_greedy, raises, tolerance
 
@@ -398,3 +398,22 @@ def test_shipped_heads_load_with_the_right_shapes(ref):
     with raises(ValueError, "heads for hidden size 512 on a target of hidden size 32",
                 match=r"512.*32"):
         load_heads(MEDUSA_HEADS, ref.medusa.MedusaHeads, small)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_kit_feature_model_is_the_model(tied):
+    """Provided: FeatureModel returns exactly the model's logits and keeps the hidden states
+    behind them, for a separate LM head and for tied embeddings (as the embedded target has)."""
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=D, num_hidden_layers=2,
+                           intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                           rms_norm_eps=1e-5, vocab_size=V, tie_word_embeddings=tied)
+    model = llama.Model(args)
+    model.update(tree_unflatten(_seeded_weights(model, mx.random.key(0))))  # explicit key
+    fm = FeatureModel(model)
+    tokens = mx.array([PROMPTS[0]])
+    logits = fm(tokens)
+    assert fm.calls == 1 and fm.hidden.shape == (1, len(PROMPTS[0]), D)
+    assert_close(logits, model(tokens), f"FeatureModel must return the model's logits (tied={tied})")
+    assert_close(lm_head_of(model)(fm.hidden), logits, "lm_head_of(model)(hidden) gives the logits")
