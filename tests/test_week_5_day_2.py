@@ -415,5 +415,5 @@ def test_kit_feature_model_is_the_model(tied):
     tokens = mx.array([PROMPTS[0]])
     logits = fm(tokens)
     assert fm.calls == 1 and fm.hidden.shape == (1, len(PROMPTS[0]), D)
-    assert_close(logits, model(tokens), f"FeatureModel must return the model's logits (tied={tied})")
+    assert_close(logits, model(tokens), f"FeatureModel returns the model's logits (tied={tied})")
     assert_close(lm_head_of(model)(fm.hidden), logits, "lm_head_of(model)(hidden) gives the logits")
