@@ -51,6 +51,7 @@ EXERCISE_MODULES = [
     "serving",
     "benchmark",
     "coupling",
+    "medusa",
     "layerskip",
 ]
 

@@ -128,6 +128,9 @@ TASKS: tuple = tuple(
              ("gumbel_sample, seeded_generate", "gumbel_sample", "seeded_generate"),
              ("coupled_draft, verify_coupled", "coupled_draft", "verify_coupled"),
              "coupled_generate", "batched_coupled_decode")
+    + _tasks(5, 2, "medusa", "week5-02-medusa-heads",
+             ("MedusaHeads", "MedusaHeads.__init__", "MedusaHeads.__call__"),
+             "medusa_loss", "medusa_tree", "medusa_generate", "medusa_sample_generate")
     + _tasks(5, 4, "layerskip", "week5-04-layer-skipping",
              ("LayerSkipModel", "LayerSkipModel.__init__", "LayerSkipModel.__call__"),
              "greedy_agreement", "choose_layers_to_skip",
