@@ -1,15 +1,17 @@
 """The course's promise "a stuck task never blocks the next", checked mechanically for every task.
 
-(a) Alone: for every task of `specdec/kit/tasks.py`, the chapter's command
-        pytest tests/test_week_W_day_D.py -k task_N
-    passes on the reference in a fresh process (nothing imported, patched or cached by another
-    task's tests first), and selects exactly task N's tests (`-k task_1` must not pick up a
-    `task_10`, nor miss one of task 1's tests).
-(b) Isolated: every day's file passes under
-        pytest tests/test_week_W_day_D.py --impl student --isolate
-    where each graded test runs its own task's reference code (as if written in the student's
-    module) and every other task's student function raises: a test that needs another task's
-    work without `use_ref(...)` fails, naming the call (see `--isolate` in tests/conftest.py).
+For every task of `specdec/kit/tasks.py`, in a fresh process (nothing imported, patched or cached
+by another task's tests first):
+
+    pytest tests/test_week_W_day_D.py -k task_N --impl student --isolate
+
+passes. Under `--isolate` (tests/conftest.py) each graded test runs its own task's reference code
+as if written in the student's module, and every other task's student function raises: a test
+that needs another task's work without `use_ref(...)` fails, naming the call. So one run proves
+both halves of the promise: the chapter's `-k task_N` selection passes alone, and it never calls
+another task's student code. One `--collect-only` run over every day file then checks that each
+`-k task_N` selects exactly task N's tests (`-k task_1` must not pick up a `task_10`, nor miss one
+of task 1's tests).
 
 These check the course's tests, not a student's tree: they run with the default `--impl ref` and
 are skipped, saying so, under `--impl student`. The runs go two (or more, on more cores) at a time.
@@ -80,11 +82,10 @@ def runs(request):
                     "the default --impl ref (pytest tests/test_isolation.py)")
     jobs = {}
     for task in TASKS:
-        jobs[("alone", task.key)] = ([task.test_file, "-k", f"task_{task.task}", "--impl", "ref"],
-                                     f"pytest {task.test_file} -k task_{task.task}")
-    for test_file in sorted({task.test_file for task in TASKS}):
-        jobs[("isolated", test_file)] = ([test_file, "--impl", "student", "--isolate"],
-                                         f"pytest {test_file} --impl student --isolate")
+        args = [task.test_file, "-k", f"task_{task.task}", "--impl", "student", "--isolate"]
+        jobs[("alone", task.key)] = (args, "pytest " + " ".join(args))
+    files = sorted({task.test_file for task in TASKS})
+    jobs[("collect", None)] = ([*files, "--collect-only", "-qq"], "pytest <every day file> --collect-only -q")
     before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
         futures = {key: pool.submit(_run, *job) for key, job in jobs.items()}
@@ -100,27 +101,37 @@ def _task_tests(names, number: int) -> set:
     return {name for name in names if re.match(rf"test_task_{number}_", name)}
 
 
-def test_each_task_passes_alone_on_the_reference(runs):
+def _collected(runs, test_file: str) -> set:
+    """Names of every test `pytest --collect-only -q` found in `test_file`."""
+    prefix = test_file + "::"
+    return {line[len(prefix):].strip() for line in runs[("collect", None)].output.splitlines()
+            if line.startswith(prefix)}
+
+
+def test_each_task_passes_alone_and_isolated(runs):
     failing = []
     for task in TASKS:
         run = runs[("alone", task.key)]
         outcomes = run.results
         bad = {name: outcome for name, outcome in outcomes.items() if outcome != "PASSED"}
         if run.returncode != 0 or bad or not outcomes:
-            failing.append(f"{task.tag} ({task.name}) does not pass alone on the reference "
-                           f"(exit {run.returncode}, {len(outcomes)} test(s)). Reproduce: "
-                           f"{run.command}\n      {run.why()}")
+            failing.append(f"{task.tag} ({task.name}) fails alone (exit {run.returncode}, "
+                           f"{len(outcomes)} test(s)). Reproduce: {run.command}\n      {run.why()}")
     assert not failing, (
         f"{len(failing)} of {len(TASKS)} tasks fail when their tests run alone, in a fresh process, "
-        "as the chapters print them (a test that leans on what another task's tests imported, "
-        "patched or cached first):\n  " + "\n  ".join(failing))
+        "with their own task on the reference and every other task's student functions raising: "
+        "a test leans on what another task's tests imported, patched or cached first, or calls "
+        "another task's student code (fix: `use_ref(...)` for it in the test):\n  "
+        + "\n  ".join(failing))
 
 
 def test_each_selection_is_exactly_its_task(runs):
+    assert runs[("collect", None)].returncode == 0, (
+        "collecting the day files failed: " + runs[("collect", None)].why())
     wrong = []
     for task in TASKS:
         selected = set(runs[("alone", task.key)].results)
-        graded = _task_tests(runs[("isolated", task.test_file)].results, task.task)
+        graded = _task_tests(_collected(runs, task.test_file), task.task)
         strays = selected - _task_tests(selected, task.task)
         if strays or selected != graded or not graded:
             wrong.append(f"{task.command}: selects {len(selected)} test(s), task {task.task} has "
@@ -129,15 +140,3 @@ def test_each_selection_is_exactly_its_task(runs):
     assert not wrong, (
         "`-k task_N` must select exactly task N's tests (all `test_task_N_*`, and nothing else: "
         "a `task_N` in another test's name or parameter id is picked up too):\n  " + "\n  ".join(wrong))
-
-
-def test_no_task_needs_another_tasks_student_code(runs):
-    failing = []
-    for test_file in sorted({task.test_file for task in TASKS}):
-        run = runs[("isolated", test_file)]
-        if run.returncode != 0 or not run.results:
-            failing.append(f"{test_file} (exit {run.returncode}). Reproduce: {run.command}\n      {run.why()}")
-    assert not failing, (
-        "with each test's own task on the reference and every other task's student functions "
-        "raising, these tests fail: they call another task's student code (fix: `use_ref(...)` "
-        "for it in the test) or cannot run from the student's tree:\n  " + "\n  ".join(failing))
