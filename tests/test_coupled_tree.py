@@ -17,6 +17,9 @@ from specdec.kit import coupled_tree
 from specdec.kit.coupled_tree import coupled_draft_tree, coupled_tree_generate
 from specdec.kit.stats import SpecStats
 from support import raises
+# The CPU-device fixture (a tree call and 1-token steps agree to ~1e-6 there, no TF32), the ground
+# truth and the difference report are Day 1's own.
+from test_week_5_day_1 import exact_arithmetic, first_difference, seeded  # noqa: F401
 
 CHAPTER = "book/src/week5-01-drafter-invariant-sampling.md"
 WIDTHS = [(2,), (2, 2), (3, 1, 1)]
@@ -26,31 +29,10 @@ NOISE_BY_DEPTH = (
     "index instead of depth?)")
 
 
-@pytest.fixture
-def exact_arithmetic():
-    """Run on the CPU device: a tree call and 1-token steps then agree to ~1e-6 (no TF32)."""
-    previous = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(previous)
-
-
-def seeded(ref, model, prompt, max_tokens, seed, temperature=1.0, top_k=0, top_p=1.0, eos=()):
-    return list(ref.coupling.seeded_generate(model, mx.array(prompt, dtype=mx.int32), max_tokens,
-                                             seed, temperature, top_k, top_p, eos))
-
-
 def run_tree(draft, target, prompt, max_tokens, seed, temperature=0.8, top_k=0, top_p=1.0,
              eos=(), widths=(2, 2), stats=None):
     return list(coupled_tree_generate(draft, target, mx.array(prompt, dtype=mx.int32), max_tokens,
                                       seed, temperature, top_k, top_p, eos, widths, stats))
-
-
-def first_difference(got, want) -> str:
-    for i, (a, b) in enumerate(zip(got, want)):
-        if a != b:
-            return f"first difference at output token {i}: got {a}, plain seeded decoding gives {b}"
-    return f"got {len(got)} tokens, plain seeded decoding gives {len(want)}"
 
 
 def check_equals_seeded(ref, draft, target, pair, seeds, settings, prompt=(1, 2, 3, 1, 2),
