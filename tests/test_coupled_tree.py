@@ -16,7 +16,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from specdec.kit import coupled_tree
 from specdec.kit.coupled_tree import coupled_draft_tree, coupled_tree_generate
 from specdec.kit.stats import SpecStats
-from support import raises
+from support import CallCounter, raises
 # The CPU-device fixture (a tree call and 1-token steps agree to ~1e-6 there, no TF32), the ground
 # truth and the difference report are Day 1's own.
 from test_week_5_day_1 import exact_arithmetic, first_difference, seeded  # noqa: F401
@@ -127,3 +127,14 @@ def test_stops_stats_and_errors(ref, markov_models):
         run_tree(draft, target, [], 5, 0)
     with raises(ValueError, "a width < 1 must be refused", match="widths"):
         run_tree(draft, target, prompt, 5, 0, widths=(2, 0))
+
+
+def test_one_target_call_and_one_draft_call_per_level(llama_models):
+    draft, target = (CallCounter(model) for model in llama_models)
+    stats = SpecStats()
+    out = run_tree(draft, target, [5, 9, 2], 16, 1, widths=(2, 2, 1), stats=stats)
+    assert len(out) == 16 and target.calls == stats.rounds, (
+        f"{target.calls} target calls for {stats.rounds} rounds: each round scores the target's "
+        "unseen tokens and the whole tree in ONE tree call")
+    assert draft.calls == stats.draft_calls, (
+        f"{draft.calls} draft calls, stats say {stats.draft_calls}: one draft call per tree level")
