@@ -1,4 +1,6 @@
-"""Provided: the coupled (drafter-invariant) rule with a draft token tree (Week 5 Day 1 x Week 3 Day 4).
+"""Provided: the coupled (drafter-invariant) rule with a draft token tree.
+
+Week 5 Day 1 meets Week 3 Day 4.
 
 With Gumbel noise keyed only by (seed, absolute position), every tree node at depth d stands for
 the token at position t + d - 1 (t = the length of the committed sequence), and the target's
