@@ -247,3 +247,26 @@ def test_bench_suite_hands_its_flags_to_the_suite(capsys, tmp_path):
     assert main(["bench", "--suite", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--quick" in out and "--sections" in out, f"`bench --suite --help` shows the suite's flags:\n{out}"
+
+
+@pytest.mark.parametrize("seed, temperature", [(5, "0.8"), (11, "1.0")])
+def test_generate_tree_with_a_seed_is_plain_seeded_text(seed, temperature, capsys):
+    """Week 5 Day 1 meets Week 3 Day 4: a seeded sampled --drafter tree run uses the coupled
+    rule (kit/coupled_tree.py), so its text is --plain's for the same seed, at any depth."""
+    args = ["generate", *TOY, "--max-tokens", "12", "--no-color", "--temperature", temperature,
+            "--seed", str(seed)]
+    texts = {}
+    for extra in (["--plain"], ["--drafter", "tree"], ["--drafter", "tree", "--k", "2"]):
+        assert main([*args, *extra]) == 0
+        out = capsys.readouterr().out
+        assert "sampling rule: coupled" in out, (
+            f"{' '.join(extra)} with --seed and --temperature runs the coupled rule:\n{out}")
+        texts[" ".join(extra)] = output_tokens(out)
+    assert len({tuple(t) for t in texts.values()}) == 1, (
+        f"--drafter tree with --seed {seed} must print plain seeded decoding's text: {texts}")
+
+
+def test_generate_sampled_tree_without_a_seed_says_to_add_one(capsys):
+    assert main(["generate", *TOY, "--drafter", "tree", "--temperature", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "add --seed" in err, f"a sampled tree needs --seed (the coupled rule); say so:\n{err}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -72,19 +73,35 @@ def run(args: argparse.Namespace) -> int:
 
     from specdec.kit.stats import SpecStats
 
-    coupled = args.seed is not None and args.temperature > 0 and args.drafter != "tree"
+    coupled = args.seed is not None and args.temperature > 0
+    seeded = args.seed is not None
     args.seed = 0 if args.seed is None else args.seed
     if coupled and args.seed + (args.batch or 1) - 1 >= 2**32:
         raise CLIError(f"--seed {args.seed}: a seeded sampled run uses the coupled rule, whose "
                        "noise is keyed by (seed, position) with 0 <= seed < 2**32; pick a smaller seed")
-    impl, config = prepare(args)
+    # SpeculativeConfig refuses sampled trees: Week 3 Day 4's tree verification is greedy. The
+    # coupled rule's is greedy too (on log p + noise, kit/coupled_tree.py), so a seeded sampled
+    # tree run validates as the greedy tree it is and samples at `temperature`, kept apart.
+    temperature = args.temperature
+    coupled_tree = coupled and args.drafter == "tree" and not args.plain and math.isfinite(temperature)
+    if coupled_tree:
+        args.temperature = 0.0
+    try:
+        impl, config = prepare(args)
+    except CLIError as e:
+        if args.drafter == "tree" and temperature > 0 and not seeded:
+            raise CLIError(f"{e}\n--drafter tree samples with --seed S only (the coupled rule, "
+                           "Week 5 Day 1): add --seed, or use --temperature 0") from None
+        raise
+    finally:
+        args.temperature = temperature
     need_draft = not args.plain and config.drafter != "ngram"
     models = load_models(args.target, args.draft, need_draft)
     key = make_key(config)
     color = not args.no_color and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     mode = "plain" if args.plain else describe_mode(config, fallback_off_reason(args))
     print(f"# target {models.target_name}, draft {models.draft_name or '-'}, impl {impl.name}, "
-          f"{mode}, temperature {config.temperature}")
+          f"{mode}, temperature {temperature}")
     if coupled:
         print(f"# sampling rule: coupled (Gumbel noise keyed by seed {config.seed} and position): the "
               "same text for any --k, --drafter, --batch, fallback or --no-fallback, and --plain")
@@ -104,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     controller = None if args.plain else make_controller(impl, config)
     start = time.perf_counter()
     if coupled:
-        stream = coupled_stream(impl, models, prompt, config, stats, controller, args.plain)
+        stream = coupled_stream(impl, models, prompt, config, stats, controller, args.plain,
+                                temperature)
     elif args.plain:
         stream = plain_stream(impl, models, prompt, config, key, models.eos_token_ids)
     else:
@@ -155,15 +173,32 @@ def print_rule(config, coupled: bool) -> None:
               "makes the text reproducible)")
 
 
-def coupled_stream(impl, models: Models, prompt, config, stats, controller, plain: bool):
-    """(token, from_draft) of the coupled rule: plain seeded decoding (--plain) or coupled_generate."""
+def tree_widths(branching: int, depth: int) -> list[int]:
+    """The widths of the tree `tree_speculative_generate` builds: [branching] * 2 + [1, 1, ...]
+    (`depth` levels; the first two branch)."""
+    return [branching if level < 2 else 1 for level in range(depth)]
+
+
+def coupled_stream(impl, models: Models, prompt, config, stats, controller, plain: bool,
+                   temperature: float):
+    """(token, from_draft) of the coupled rule at `temperature`: plain seeded decoding (--plain),
+    `coupled_tree_generate` (--drafter tree) or coupled_generate."""
     feature(impl, "coupling", "coupled_generate", "--seed with --temperature")
     coupling = impl.coupling
     eos = models.eos_token_ids
     if plain:
         tokens = coupling.seeded_generate(models.target, prompt, config.max_tokens, config.seed,
-                                          config.temperature, eos_token_ids=eos)
+                                          temperature, eos_token_ids=eos)
         return ((t, False) for t in tokens)
+    if config.drafter == "tree":
+        from specdec.kit.coupled_tree import coupled_tree_generate
+
+        feature(impl, "tree", "verify_tree_greedy", "--drafter tree with --seed")
+        return coupled_tree_generate(models.draft, models.target, prompt, config.max_tokens,
+                                     config.seed, temperature, config.top_k, config.top_p,
+                                     eos_token_ids=eos, stats=stats,
+                                     widths=tree_widths(config.tree_branching, config.lookahead),
+                                     package=impl.package)
     if config.drafter == "ngram":
         decoder = impl.drafters.DrafterDecoder(
             impl.drafters.NgramDrafter(max_ngram=config.max_ngram, min_ngram=config.min_ngram),
@@ -171,7 +206,7 @@ def coupled_stream(impl, models: Models, prompt, config, stats, controller, plai
     else:
         decoder = impl.draft.SpeculativeDecoder(models.draft, models.target, lookahead=config.lookahead)
     return coupling.coupled_generate(decoder, prompt, config.max_tokens, config.seed,
-                                     config.temperature, eos_token_ids=eos, controller=controller,
+                                     temperature, eos_token_ids=eos, controller=controller,
                                      stats=stats)
 
 
