@@ -1,0 +1,135 @@
+"""Provided: the coupled rule through a draft that fails (Week 5 Day 1 meets Week 4 Day 3).
+
+Under the coupled rule every emitted token is plain seeded decoding's token at its position,
+whatever proposed the drafts. So a draft that raises in the middle of a request costs speed,
+never text: the tokens already emitted stay, and the rest of the request is plain seeded
+decoding (K = 0 from then on) from the committed sequence — exactly the tokens the coupled loop
+would have emitted. The fault is reported, never hidden: through the controller's
+`disable_draft(reason)` when there is one (Week 4 Day 3), else as a FallbackWarning.
+
+Nothing here is a task: it wraps the day's `coupled_generate` (of `package`, the reference by
+default). Checked by tests/test_coupled_faults.py:
+    pytest tests/test_coupled_faults.py -q
+"""
+
+import importlib
+import time
+import warnings
+from typing import Callable, Iterator, Optional, Sequence
+
+import mlx.core as mx
+
+from specdec.kit.errors import FallbackWarning
+from specdec.kit.stats import SpecStats
+
+
+class DraftFault(Exception):
+    """The draft raised `error` inside a coupled loop (also its __cause__)."""
+
+    def __init__(self, error: Exception):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
+
+class GuardedDraft:
+    """A draft model whose errors come out as DraftFault; everything else is the model's.
+
+    NotImplementedError passes unchanged: an unfinished task is not a fault to survive.
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return self.model(*args, **kwargs)
+        except (NotImplementedError, DraftFault):
+            raise
+        except Exception as error:
+            raise DraftFault(error) from error
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def guard_draft(decoder) -> Callable[[], None]:
+    """Route every way `coupled_generate` reaches the draft through GuardedDraft: the decoder's
+    `draft_model` (SpeculativeDecoder), its drafter's `draft_model` (ModelDrafter) and its
+    `draft_generation` (any other drafter, n-gram included). Returns the function that undoes it."""
+    undo = []
+
+    def swap(owner, name: str) -> None:
+        if owner is None or getattr(owner, name, None) is None:
+            return
+        own = name in vars(owner)
+        old = vars(owner)[name] if own else None
+        setattr(owner, name, GuardedDraft(getattr(owner, name)))
+        undo.append(lambda: setattr(owner, name, old) if own else delattr(owner, name))
+
+    swap(decoder, "draft_model")
+    swap(getattr(decoder, "drafter", None), "draft_model")
+    swap(decoder, "draft_generation")
+
+    def restore() -> None:
+        for step in reversed(undo):
+            step()
+
+    return restore
+
+
+def coupled_generate_surviving_faults(
+    decoder,
+    prompt_tokens: mx.array,
+    max_tokens: int,
+    seed: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_ids: Sequence[int] = (),
+    controller=None,
+    stats: Optional[SpecStats] = None,
+    package: str = "specdec_ref",
+) -> Iterator[tuple[int, bool]]:
+    """`coupled_generate`, whose output stays `seeded_generate`'s when the draft raises.
+
+    Arguments and yields as `coupled_generate`. When the draft (model or drafter) raises anything
+    but NotImplementedError: the round it failed in emits nothing; the reason goes to
+    `controller.disable_draft(reason)` (a controller without one, or None: a FallbackWarning);
+    the remaining tokens are `seeded_generate` on the target from the committed sequence
+    (prompt + tokens yielded), each yielded with from_draft False and recorded in stats as a
+    plain round, record_round(0, 0, 1). Errors of the target propagate. The decoder is left as
+    it was given (its draft unwrapped).
+    """
+    coupling = importlib.import_module(f"{package}.coupling")
+    committed = mx.array(prompt_tokens, dtype=mx.int32).reshape(-1).tolist()
+    prompt_len = len(committed)
+    undo = guard_draft(decoder)
+    try:
+        for token, from_draft in coupling.coupled_generate(
+                decoder, prompt_tokens, max_tokens, seed, temperature, top_k, top_p,
+                eos_token_ids, controller, stats):
+            committed.append(token)
+            yield token, from_draft
+        return
+    except DraftFault as fault:
+        error = fault.error
+    finally:
+        undo()
+    emitted = len(committed) - prompt_len
+    reason = (f"the draft raised {type(error).__name__}: {error}; the rest of this request "
+              f"({max_tokens - emitted} tokens) is plain seeded decoding (K = 0): the same text, "
+              "without the speed-up")
+    if controller is not None and hasattr(controller, "disable_draft"):
+        controller.disable_draft(reason)
+    else:
+        warnings.warn(reason, FallbackWarning, stacklevel=2)
+    rest = coupling.seeded_generate(decoder.target_model, mx.array(committed, dtype=mx.int32),
+                                    max_tokens - emitted, seed, temperature, top_k, top_p,
+                                    eos_token_ids)
+    start = time.perf_counter()
+    for token in rest:
+        if stats is not None:
+            stats.record_round(0, 0, 1)
+            stats.verify_time_s += time.perf_counter() - start
+        yield int(token), False
+        start = time.perf_counter()
