@@ -182,7 +182,9 @@ def tree_widths(branching: int, depth: int) -> list[int]:
 def coupled_stream(impl, models: Models, prompt, config, stats, controller, plain: bool,
                    temperature: float):
     """(token, from_draft) of the coupled rule at `temperature`: plain seeded decoding (--plain),
-    `coupled_tree_generate` (--drafter tree) or coupled_generate."""
+    `coupled_tree_generate` (--drafter tree) or coupled_generate (through draft faults)."""
+    from specdec.kit.coupled_faults import coupled_generate_surviving_faults
+
     feature(impl, "coupling", "coupled_generate", "--seed with --temperature")
     coupling = impl.coupling
     eos = models.eos_token_ids
@@ -205,9 +207,11 @@ def coupled_stream(impl, models: Models, prompt, config, stats, controller, plai
             models.target, lookahead=config.lookahead)
     else:
         decoder = impl.draft.SpeculativeDecoder(models.draft, models.target, lookahead=config.lookahead)
-    return coupling.coupled_generate(decoder, prompt, config.max_tokens, config.seed,
-                                     temperature, eos_token_ids=eos, controller=controller,
-                                     stats=stats)
+    # A draft that raises mid-run costs speed, not text: the rest is plain seeded decoding.
+    return coupled_generate_surviving_faults(decoder, prompt, config.max_tokens, config.seed,
+                                             temperature, eos_token_ids=eos,
+                                             controller=controller, stats=stats,
+                                             package=impl.package)
 
 
 def batch_prompt_texts(first: str, n: int) -> list[str]:
