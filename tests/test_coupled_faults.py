@@ -13,7 +13,8 @@ import warnings
 import mlx.core as mx
 import pytest
 
-from specdec.kit.coupled_faults import GuardedDraft, coupled_generate_surviving_faults
+from specdec.kit.coupled_faults import (GuardedDraft, coupled_generate_surviving_faults,
+                                        coupled_tree_generate_surviving_faults)
 from specdec.kit.errors import FallbackWarning
 from specdec.kit.stats import SpecStats
 from test_week_5_day_1 import ScriptedController, first_difference, seeded
@@ -38,6 +39,10 @@ class FaultyDraft:
 
     def __getattr__(self, name):
         return getattr(self.model, name)
+
+    @property
+    def __class__(self):  # a MarkovLM stays one for coupled_tree's isinstance check
+        return self.model.__class__
 
 
 class ReportingController(ScriptedController):
@@ -150,3 +155,24 @@ def test_target_errors_propagate(ref, markov_models):
     decoder = ref.draft.SpeculativeDecoder(draft, FaultyDraft(target, fails_at=2), 2)
     with pytest.raises(RuntimeError, match="injected fault"):
         run(decoder, 0, controller=ReportingController([2]))
+
+
+@pytest.mark.parametrize("widths", [(2, 2), (3, 1, 1)])
+def test_a_draft_fault_in_a_token_tree_keeps_plain_seeded_text(ref, markov_models, widths):
+    """One draft call per tree level: the 3rd call fails in round 2 ((2, 2)) or round 1 ((3, 1, 1))."""
+    draft, target = markov_models
+    for seed in SEEDS:
+        want = seeded(ref, target, PROMPT, 24, seed, 0.8)
+        controller, stats = ReportingController([0]), SpecStats()
+        out = list(coupled_tree_generate_surviving_faults(
+            FaultyDraft(draft), target, mx.array(PROMPT, dtype=mx.int32), 24, seed, 0.8,
+            widths=widths, controller=controller, stats=stats))
+        got = [token for token, _ in out]
+        assert got == want, (
+            f"token tree {widths}, seed {seed}, draft failing at call {FAILS_AT}: "
+            f"{first_difference(got, want)}. After a draft fault the rest is plain seeded decoding "
+            f"from the committed sequence ({CHAPTER})")
+        assert len(controller.reasons) == 1 and "injected fault" in controller.reasons[0], (
+            f"token tree {widths}: the fault must reach controller.disable_draft once: {controller.reasons}")
+        assert stats.emitted == len(got) and stats.lookahead_per_round[-1] == 0, (
+            f"stats: {stats.emitted} tokens for {len(got)} yielded, K per round {stats.lookahead_per_round}")

@@ -51,6 +51,10 @@ class GuardedDraft:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
+    @property
+    def __class__(self):  # isinstance(guarded, MarkovLM) as for the model (kit/coupled_tree.py)
+        return self.model.__class__
+
 
 def guard_draft(decoder) -> Callable[[], None]:
     """Route every way `coupled_generate` reaches the draft through GuardedDraft: the decoder's
@@ -101,20 +105,60 @@ def coupled_generate_surviving_faults(
     it was given (its draft unwrapped).
     """
     coupling = importlib.import_module(f"{package}.coupling")
-    committed = mx.array(prompt_tokens, dtype=mx.int32).reshape(-1).tolist()
-    prompt_len = len(committed)
     undo = guard_draft(decoder)
     try:
-        for token, from_draft in coupling.coupled_generate(
-                decoder, prompt_tokens, max_tokens, seed, temperature, top_k, top_p,
-                eos_token_ids, controller, stats):
+        run = coupling.coupled_generate(decoder, prompt_tokens, max_tokens, seed, temperature,
+                                        top_k, top_p, eos_token_ids, controller, stats)
+        yield from plain_after_fault(run, coupling, decoder.target_model, prompt_tokens,
+                                     max_tokens, seed, temperature, top_k, top_p, eos_token_ids,
+                                     controller, stats)
+    finally:
+        undo()
+
+
+def coupled_tree_generate_surviving_faults(
+    draft_model,
+    target_model,
+    prompt_tokens: mx.array,
+    max_tokens: int,
+    seed: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_ids: Sequence[int] = (),
+    widths: Sequence[int] = (2, 2),
+    controller=None,
+    stats: Optional[SpecStats] = None,
+    package: str = "specdec_ref",
+) -> Iterator[tuple[int, bool]]:
+    """`coupled_tree_generate` (kit/coupled_tree.py), surviving a draft that raises exactly as
+    `coupled_generate_surviving_faults` does. controller: only told of the fault (the tree's
+    shape is fixed), through `disable_draft(reason)`; None: a FallbackWarning."""
+    from specdec.kit.coupled_tree import coupled_tree_generate
+
+    coupling = importlib.import_module(f"{package}.coupling")
+    run = coupled_tree_generate(GuardedDraft(draft_model), target_model, prompt_tokens, max_tokens,
+                                seed, temperature, top_k, top_p, eos_token_ids, widths, stats,
+                                package)
+    yield from plain_after_fault(run, coupling, target_model, prompt_tokens, max_tokens, seed,
+                                 temperature, top_k, top_p, eos_token_ids, controller, stats)
+
+
+def plain_after_fault(run: Iterator[tuple[int, bool]], coupling, target_model, prompt_tokens,
+                      max_tokens: int, seed: int, temperature: float, top_k: int, top_p: float,
+                      eos_token_ids: Sequence[int], controller, stats: Optional[SpecStats]
+                      ) -> Iterator[tuple[int, bool]]:
+    """`run`'s (token, from_draft) pairs until it raises DraftFault; then report the fault and
+    yield the rest of the request from `coupling.seeded_generate` on the committed sequence."""
+    committed = mx.array(prompt_tokens, dtype=mx.int32).reshape(-1).tolist()
+    prompt_len = len(committed)
+    try:
+        for token, from_draft in run:
             committed.append(token)
             yield token, from_draft
         return
     except DraftFault as fault:
         error = fault.error
-    finally:
-        undo()
     emitted = len(committed) - prompt_len
     reason = (f"the draft raised {type(error).__name__}: {error}; the rest of this request "
               f"({max_tokens - emitted} tokens) is plain seeded decoding (K = 0): the same text, "
@@ -122,8 +166,8 @@ def coupled_generate_surviving_faults(
     if controller is not None and hasattr(controller, "disable_draft"):
         controller.disable_draft(reason)
     else:
-        warnings.warn(reason, FallbackWarning, stacklevel=2)
-    rest = coupling.seeded_generate(decoder.target_model, mx.array(committed, dtype=mx.int32),
+        warnings.warn(reason, FallbackWarning, stacklevel=3)
+    rest = coupling.seeded_generate(target_model, mx.array(committed, dtype=mx.int32),
                                     max_tokens - emitted, seed, temperature, top_k, top_p,
                                     eos_token_ids)
     start = time.perf_counter()

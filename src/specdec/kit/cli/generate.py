@@ -182,8 +182,9 @@ def tree_widths(branching: int, depth: int) -> list[int]:
 def coupled_stream(impl, models: Models, prompt, config, stats, controller, plain: bool,
                    temperature: float):
     """(token, from_draft) of the coupled rule at `temperature`: plain seeded decoding (--plain),
-    `coupled_tree_generate` (--drafter tree) or coupled_generate (through draft faults)."""
-    from specdec.kit.coupled_faults import coupled_generate_surviving_faults
+    `coupled_tree_generate` (--drafter tree) or coupled_generate, both through draft faults."""
+    from specdec.kit.coupled_faults import (coupled_generate_surviving_faults,
+                                            coupled_tree_generate_surviving_faults)
 
     feature(impl, "coupling", "coupled_generate", "--seed with --temperature")
     coupling = impl.coupling
@@ -193,14 +194,12 @@ def coupled_stream(impl, models: Models, prompt, config, stats, controller, plai
                                           temperature, eos_token_ids=eos)
         return ((t, False) for t in tokens)
     if config.drafter == "tree":
-        from specdec.kit.coupled_tree import coupled_tree_generate
-
         feature(impl, "tree", "verify_tree_greedy", "--drafter tree with --seed")
-        return coupled_tree_generate(models.draft, models.target, prompt, config.max_tokens,
-                                     config.seed, temperature, config.top_k, config.top_p,
-                                     eos_token_ids=eos, stats=stats,
-                                     widths=tree_widths(config.tree_branching, config.lookahead),
-                                     package=impl.package)
+        widths = tree_widths(config.tree_branching, config.lookahead)
+        return coupled_tree_generate_surviving_faults(
+            models.draft, models.target, prompt, config.max_tokens, config.seed, temperature,
+            config.top_k, config.top_p, eos_token_ids=eos, widths=widths, stats=stats,
+            package=impl.package)
     if config.drafter == "ngram":
         decoder = impl.drafters.DrafterDecoder(
             impl.drafters.NgramDrafter(max_ngram=config.max_ngram, min_ngram=config.min_ngram),
