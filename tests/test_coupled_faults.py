@@ -13,7 +13,8 @@ import warnings
 import mlx.core as mx
 import pytest
 
-from specdec.kit.coupled_faults import (GuardedDraft, coupled_generate_surviving_faults,
+from specdec.kit.coupled_faults import (GuardedDraft, batched_coupled_decode_surviving_faults,
+                                        coupled_generate_surviving_faults,
                                         coupled_tree_generate_surviving_faults)
 from specdec.kit.errors import FallbackWarning
 from specdec.kit.stats import SpecStats
@@ -176,3 +177,24 @@ def test_a_draft_fault_in_a_token_tree_keeps_plain_seeded_text(ref, markov_model
             f"token tree {widths}: the fault must reach controller.disable_draft once: {controller.reasons}")
         assert stats.emitted == len(got) and stats.lookahead_per_round[-1] == 0, (
             f"stats: {stats.emitted} tokens for {len(got)} yielded, K per round {stats.lookahead_per_round}")
+
+
+@pytest.mark.parametrize("fails_at", [3, 10**9])
+def test_a_draft_fault_in_a_batch_keeps_every_row_plain_seeded(ref, markov_models, fails_at):
+    """A batch of 3 rows with their own seeds; a draft failing at call 3 (or never: the control)."""
+    draft, target = markov_models
+    prompts, seeds = [[1, 2, 3], [4, 5], [6, 1, 2, 3]], [11, 12, 13]
+    want = [seeded(ref, target, p, 16, s, 0.8) for p, s in zip(prompts, seeds)]
+    controller, stats = ReportingController([2]), SpecStats()
+    got = batched_coupled_decode_surviving_faults(prompts, seeds, FaultyDraft(draft, fails_at),
+                                                  target, 16, 2, 0.8, controller=controller,
+                                                  stats=stats)
+    for row, (g, w) in enumerate(zip(got, want)):
+        assert g == w, (f"batch row {row}, seed {seeds[row]}, draft failing at call {fails_at}: "
+                        f"{first_difference(g, w)}: every row is its seed's plain seeded text ({CHAPTER})")
+    faults = 1 if fails_at == 3 else 0
+    assert len(controller.reasons) == faults, (
+        f"a draft fault reaches disable_draft once, no fault never: {controller.reasons}")
+    assert stats.emitted == sum(map(len, got)), (
+        f"stats count {stats.emitted} tokens for {sum(map(len, got))} returned (a failed batched "
+        "run's rounds must not be counted)")

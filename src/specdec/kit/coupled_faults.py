@@ -144,6 +144,69 @@ def coupled_tree_generate_surviving_faults(
                                  temperature, top_k, top_p, eos_token_ids, controller, stats)
 
 
+def batched_coupled_decode_surviving_faults(
+    batch_prompts: list[list[int]],
+    seeds: Sequence[int],
+    draft_model,
+    target_model,
+    max_tokens: int = 100,
+    lookahead: int = 4,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_ids: Sequence[int] = (),
+    controller=None,
+    stats: Optional[SpecStats] = None,
+    package: str = "specdec_ref",
+) -> list[list[int]]:
+    """`batched_coupled_decode`, whose rows stay `seeded_generate`'s when the draft raises.
+
+    Arguments and result as `batched_coupled_decode`. The batched loop returns nothing until it
+    is done, so after a draft fault (reported as in `coupled_generate_surviving_faults`) every
+    row is decoded again by `seeded_generate` with its own seed: the same tokens, more time.
+    stats: the batched run's rounds when it finishes; after a fault, one plain round
+    record_round(0, 0, 1) per row per token instead (the failed run's rounds are dropped).
+    """
+    coupling = importlib.import_module(f"{package}.coupling")
+    attempt = SpecStats()
+    try:
+        outputs = coupling.batched_coupled_decode(
+            batch_prompts, seeds, GuardedDraft(draft_model), target_model, max_tokens, lookahead,
+            temperature, top_k, top_p, eos_token_ids, controller, attempt)
+    except DraftFault as fault:
+        report_fault(controller, fault.error, f"all {len(batch_prompts)} rows again")
+        outputs = []
+        for prompt, seed in zip(batch_prompts, seeds):
+            start = time.perf_counter()
+            outputs.append([int(t) for t in coupling.seeded_generate(
+                target_model, mx.array(prompt, dtype=mx.int32), max_tokens, seed, temperature,
+                top_k, top_p, eos_token_ids)])
+            if stats is not None:
+                for _ in outputs[-1]:
+                    stats.record_round(0, 0, 1)
+                stats.verify_time_s += time.perf_counter() - start
+        return outputs
+    if stats is not None:
+        _add_stats(stats, attempt)
+    return outputs
+
+
+def _add_stats(total: SpecStats, part: SpecStats) -> None:
+    """Add `part`'s counts, times and per-round lists to `total`."""
+    for name, value in vars(part).items():
+        setattr(total, name, getattr(total, name) + value)
+
+
+def report_fault(controller, error: Exception, what_follows: str) -> None:
+    """The draft raised `error`: `controller.disable_draft(reason)`, or a FallbackWarning."""
+    reason = (f"the draft raised {type(error).__name__}: {error}; {what_follows} by plain seeded "
+              "decoding (K = 0): the same text, without the speed-up")
+    if controller is not None and hasattr(controller, "disable_draft"):
+        controller.disable_draft(reason)
+    else:
+        warnings.warn(reason, FallbackWarning, stacklevel=4)
+
+
 def plain_after_fault(run: Iterator[tuple[int, bool]], coupling, target_model, prompt_tokens,
                       max_tokens: int, seed: int, temperature: float, top_k: int, top_p: float,
                       eos_token_ids: Sequence[int], controller, stats: Optional[SpecStats]
@@ -160,13 +223,7 @@ def plain_after_fault(run: Iterator[tuple[int, bool]], coupling, target_model, p
     except DraftFault as fault:
         error = fault.error
     emitted = len(committed) - prompt_len
-    reason = (f"the draft raised {type(error).__name__}: {error}; the rest of this request "
-              f"({max_tokens - emitted} tokens) is plain seeded decoding (K = 0): the same text, "
-              "without the speed-up")
-    if controller is not None and hasattr(controller, "disable_draft"):
-        controller.disable_draft(reason)
-    else:
-        warnings.warn(reason, FallbackWarning, stacklevel=3)
+    report_fault(controller, error, f"the rest of this request ({max_tokens - emitted} tokens)")
     rest = coupling.seeded_generate(target_model, mx.array(committed, dtype=mx.int32),
                                     max_tokens - emitted, seed, temperature, top_k, top_p,
                                     eos_token_ids)

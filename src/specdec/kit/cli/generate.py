@@ -227,10 +227,14 @@ def generate_batch(impl, models: Models, config, first_prompt: str, key, coupled
     controller = make_controller(impl, config)
     start = time.perf_counter()
     if coupled:  # row i samples with seed + i, whatever its batch-mates
-        decode = feature(impl, "coupling", "batched_coupled_decode", "--seed with --batch")
-        outputs = decode(rows, [config.seed + i for i in range(len(rows))], models.draft,
-                         models.target, config.max_tokens, config.lookahead, config.temperature,
-                         eos_token_ids=models.eos_token_ids, controller=controller, stats=stats)
+        from specdec.kit.coupled_faults import batched_coupled_decode_surviving_faults
+
+        feature(impl, "coupling", "batched_coupled_decode", "--seed with --batch")
+        outputs = batched_coupled_decode_surviving_faults(
+            rows, [config.seed + i for i in range(len(rows))], models.draft, models.target,
+            config.max_tokens, config.lookahead, config.temperature,
+            eos_token_ids=models.eos_token_ids, controller=controller, stats=stats,
+            package=impl.package)
     else:
         outputs = run_batched(impl, models, rows, config, key, stats, models.eos_token_ids,
                               "fallback" if controller is not None else "speculative", controller)
