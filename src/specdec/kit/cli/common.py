@@ -155,12 +155,13 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
                         "largest K it may choose")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate, default 128")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed when sampling (0 .. 2**64 - 1)")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed when sampling; for generate, a --seed given with --temperature > 0 "
+                        "selects the coupled rule (Week 5 Day 1): the same text for any K, drafter or batch")
     p.add_argument("--adaptive", choices=["threshold", "heuristic", "goodput"], default=None,
                    help="adapt K between rounds with this policy (Week 3 Day 1)")
     p.add_argument("--drafter", choices=["model", "ngram", "tree"], default="model",
                    help="model: the draft model (default); ngram: prompt lookup (Week 3 Day 3); "
-                        "tree: token trees (Week 3 Day 4, greedy)")
+                        "tree: token trees (Week 3 Day 4; greedy, or sampled with --seed: Week 5 Day 1)")
     p.add_argument("--batch", type=int, default=None, metavar="N",
                    help="batched speculative decoding over N prompts (Week 3 Day 2)")
     p.add_argument("--no-fallback", action="store_true",
