@@ -5,8 +5,13 @@ pytest puts this folder on sys.path, so test files import it as `from support im
 
 import contextlib
 import importlib
+import os
 import re
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 
 import mlx.core as mx
 import numpy as np
@@ -143,3 +148,44 @@ def logits_atol(expected) -> float:
     if ON_CPU:
         return 1e-4
     return 1e-2 * max(1.0, float(np.abs(np.asarray(expected)).max()))
+
+
+# A real server for the serving tests ------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(impl_name: str, *flags: str, context: int = 2048, env_extra: dict | None = None):
+    """`python -m specdec.kit.server` on 127.0.0.1 with the toy llamas (K = 3) and `flags`, once
+    /health answers: (process, base URL). Always pair with `stop_server(process)`."""
+    port = free_port()
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", **(env_extra or {}))
+    cmd = [sys.executable, "-m", "specdec.kit.server", "--target", "toy-llama", "--port", str(port),
+           "--impl", impl_name, "--k", "3", "--context", str(context), *flags]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with status {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc, base
+        except OSError:
+            pass
+        if time.time() > deadline:
+            stop_server(proc)
+            pytest.fail("the server did not answer /health within 60 s")
+        time.sleep(0.2)
+
+
+def stop_server(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -23,7 +23,8 @@ import pytest
 from specdec.kit.impl import get_impl
 from specdec.kit.serving import COUPLED, REJECTION
 from support import mlx_lm_greedy
-from test_server_hardening import start_server, stop_server, toy, toy_text, wait_idle
+from support import start_server, stop_server
+from test_server_hardening import toy, toy_text, wait_idle
 from test_week_5_day_1 import ScriptedController  # K from a script, cycled; records its updates
 
 PROMPT = [3, 9, 17, 4, 40]

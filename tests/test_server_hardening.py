@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,50 +19,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from support import assert_close, mlx_lm_greedy
+from support import assert_close, free_port, mlx_lm_greedy, start_server, stop_server
 
 API_KEY = "test-key-123"
 CONTEXT = 2048
 MAX_QUEUE, MAX_BATCH = 3, 2
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ORIGIN = "http://good.example"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(impl_name: str, *flags: str, env_extra: dict | None = None):
-    port = free_port()
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", **(env_extra or {}))
-    cmd = [sys.executable, "-m", "specdec.kit.server", "--target", "toy-llama", "--port", str(port),
-           "--impl", impl_name, "--k", "3", "--context", str(CONTEXT), *flags]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited with status {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail("the server did not answer /health within 60 s")
-        time.sleep(0.2)
-
-
-def stop_server(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")

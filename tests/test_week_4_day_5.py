@@ -14,11 +14,7 @@ you have not finished (so they grade your finished code and never fail on an unf
 from __future__ import annotations
 
 import json
-import os
 import random
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -31,7 +27,7 @@ from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 from scipy import stats as scipy_stats
 
 from specdec.kit.models import markov_pair, tiny_llama_pair
-from support import BATCHED_FOUNDATIONS, assert_close, mlx_lm_greedy, raises
+from support import BATCHED_FOUNDATIONS, assert_close, mlx_lm_greedy, raises, start_server, stop_server
 
 # What the scheduler stands on: graded elsewhere, taken from the reference here.
 EARLIER_TASKS = BATCHED_FOUNDATIONS
@@ -435,45 +431,15 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m.role[0] }}: {{ m.content }}\n{% end
 CONTEXT = 256
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(request):
     """A real `python -m specdec.kit.server` on 127.0.0.1 with the toy llamas; always terminated."""
-    impl_name = request.config.getoption("--impl")
-    port = free_port()
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "specdec.kit.server", "--target", "toy-llama", "--port", str(port),
-           "--impl", impl_name, "--k", "3", "--no-fallback", "--max-batch", "8",
-           "--context", str(CONTEXT), "--chat-template", CHAT_TEMPLATE]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_server(request.config.getoption("--impl"), "--no-fallback", "--max-batch", "8",
+                              "--chat-template", CHAT_TEMPLATE, context=CONTEXT)
     try:
-        deadline = time.time() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with status {proc.returncode}:\n{proc.stdout.read()}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail("the server did not answer /health within 60 s")
-            time.sleep(0.2)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 def post(base: str, path: str, body, timeout: float = 30) -> tuple[int, dict]:
