@@ -14,20 +14,10 @@ import pytest
 from specdec.kit import fallback_policy
 from specdec.kit.impl import get_impl
 from support import raises
+from test_week_4_day_3 import controller_with
 
 REF = get_impl("ref")
 CHAPTER = "book/src/week4-03-fallback.md"
-
-
-def controller_with(plain=(), draft=(), verify=(), rounds=(), prefill=None, draft_step=None, **kw):
-    """A reference controller whose evidence is set by hand."""
-    c = REF.fallback.FallbackController(**kw)
-    c.plain_times.extend(plain)
-    c.draft_times.extend(draft)
-    c.verify_times.extend(verify)
-    c.rounds.extend(rounds)
-    c.prefill, c.draft_step_s = prefill, draft_step
-    return c
 
 
 def winning_round(c, k, n, step=0.01, cost=0.1, slope=0.1):
@@ -71,7 +61,7 @@ def test_both_trees_share_the_provided_code():
 
 @pytest.mark.parametrize("prompt_tokens, pays", [(400, True), (2000, False)])
 def test_could_win_prices_the_drafts_catch_up(prompt_tokens, pays):
-    c = controller_with(plain=[0.01] * 2, prefill=(prompt_tokens, prompt_tokens * 0.001), draft_step=0.003)
+    c = controller_with(REF, plain=[0.01] * 2, prefill=(prompt_tokens, prompt_tokens * 0.001), draft_step=0.003)
     g_best = c.best_lookahead(alpha=1.0)[1]
     saving = 32 * (1 - 1 / g_best)
     catch_up = 0.3 * prompt_tokens * 0.001 / 0.01
@@ -128,7 +118,7 @@ PROBE_COSTS = dict(plain=[0.01] * 2, draft=[(4, 0.004)], verify=[(4, 0.0215)], p
     (dict(draft=(), verify=()), 0, "c unknown (no draft call timed yet): no wait, 0"),
 ])
 def test_probe_wait_bounds_what_a_failed_probe_costs(kw, want, why):
-    c = controller_with(**{**PROBE_COSTS, **kw})
+    c = controller_with(REF, **{**PROBE_COSTS, **kw})
     got = c.probe_wait()
     assert got == want, (
         f"probe_wait() = {got}, expected {want}: {why}. A failed probe after m plain rounds wastes "
@@ -138,7 +128,7 @@ def test_probe_wait_bounds_what_a_failed_probe_costs(kw, want, why):
 
 
 def test_probe_wait_prices_the_probe_at_the_capped_k():
-    c = controller_with(probe_budget=0.06, **PROBE_COSTS)
+    c = controller_with(REF, probe_budget=0.06, **PROBE_COSTS)
     c.cap = 2  # memory pressure lowered the cap below initial_lookahead = 4
     got = c.probe_wait()
     assert got == 34, (
