@@ -118,7 +118,7 @@ def test_task_1_real_decoder(impl, llama_models):
     assert all(t > 0 for t in result["per_prompt"]), f"tokens/s must be positive: {result['per_prompt']}"
 
 
-# Task 2: measure_costs ----------------------------------------------------------------------------
+# Task 2: the theory beside it (measure_costs, compare_to_theory, sample_match_acceptance) --------
 def test_task_2_costs_from_time_forward(impl, monkeypatch):
     draft, target = object(), object()
     table = {(id(target), 1): 0.010, (id(draft), 1): 0.002, (id(target), 2): 0.011,
@@ -164,8 +164,7 @@ def test_task_2_real_models(impl, use_ref, llama_models):
     assert costs["c"] > 0 and costs["v"][2] > 0, f"measured costs must be positive: {costs}"
 
 
-# Task 3: compare_to_theory ------------------------------------------------------------------------
-def test_task_3_prediction_and_relative_error(impl, ref, use_ref):
+def test_task_2_compare_prediction_and_relative_error(impl, ref, use_ref):
     use_ref("theory.expected_speedup", "theory.expected_tokens_per_round")
     got = impl.benchmark.compare_to_theory(0.8, 4, 0.1, 1.2, 1.5)
     predicted = ref.theory.expected_speedup(0.8, 4, 0.1, 1.2)  # 3.3616 / 1.6 = 2.101
@@ -181,7 +180,7 @@ def test_task_3_prediction_and_relative_error(impl, ref, use_ref):
         f"measured 2.0 against predicted 1.5 is +33%, got {faster['relative_error']}")
 
 
-def test_task_3_rejects_bad_arguments(impl, use_ref):
+def test_task_2_compare_rejects_bad_arguments(impl, use_ref):
     use_ref("theory.expected_speedup", "theory.expected_tokens_per_round")
     with raises(ValueError, "a measured speed-up is a ratio of tokens/s: <= 0 is a broken measurement"):
         impl.benchmark.compare_to_theory(0.8, 4, 0.1, 1.2, 0.0)
@@ -190,8 +189,7 @@ def test_task_3_rejects_bad_arguments(impl, use_ref):
         impl.benchmark.compare_to_theory(1.5, 4, 0.1, 1.2, 1.0)
 
 
-# Task 4: sample_match_acceptance ------------------------------------------------------------------
-def test_task_4_examples(impl):
+def test_task_2_sample_match_examples(impl):
     V = 8
     uniform = mx.full((V,), 1 / V)
     one_hot = mx.array([0, 0, 1, 0, 0, 0, 0, 0], dtype=mx.float32)
@@ -208,7 +206,7 @@ def test_task_4_examples(impl):
         assert got.item() == pytest.approx(expected, abs=1e-6), f"{why}: expected {expected}, got {got.item()}"
 
 
-def test_task_4_never_above_exact_acceptance(impl, ref):
+def test_task_2_sample_match_never_above_exact_acceptance(impl, ref):
     rng = np.random.default_rng(0)
     p = mx.array(rng.dirichlet(np.full(16, 0.3), size=(3, 5)).astype(np.float16))
     q = mx.array(rng.dirichlet(np.full(16, 0.3), size=(3, 5)).astype(np.float16))
@@ -223,7 +221,7 @@ def test_task_4_never_above_exact_acceptance(impl, ref):
         "often than exact rejection sampling")
 
 
-def test_task_4_matches_simulated_sample_and_match(impl):
+def test_task_2_matches_simulated_sample_and_match(impl):
     """Simulate mlx-lm's rule: draft x ~ q, target y ~ p independently, accept iff x == y."""
     p = mx.array([0.5, 0.3, 0.1, 0.1])
     q = mx.array([0.2, 0.5, 0.2, 0.1])

@@ -64,7 +64,7 @@ def compare_to_theory(alpha: float, k: int, c: float, v: float, measured_speedup
              "relative_error": (measured - predicted) / predicted} (positive: faster than
     predicted). Raises ValueError if measured_speedup <= 0 (and as `expected_speedup` does).
     """
-    raise NotImplementedError("Week 4 Day 6 Task 3: compare_to_theory — see book/src/week4-06-benchmarking.md")
+    raise NotImplementedError("Week 4 Day 6 Task 2: compare_to_theory — see book/src/week4-06-benchmarking.md")
 
 
 def sample_match_acceptance(p_target: mx.array, q_draft: mx.array) -> mx.array:
@@ -75,4 +75,4 @@ def sample_match_acceptance(p_target: mx.array, q_draft: mx.array) -> mx.array:
     probability sum_x q(x) p(x). Exact rejection sampling keeps sum_x min(p(x), q(x)) >= that.
     p_target, q_draft: float [..., V], rows summing to 1. Returns float32 [...].
     """
-    raise NotImplementedError("Week 4 Day 6 Task 4: sample_match_acceptance — see book/src/week4-06-benchmarking.md")
+    raise NotImplementedError("Week 4 Day 6 Task 2: sample_match_acceptance — see book/src/week4-06-benchmarking.md")
