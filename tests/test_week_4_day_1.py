@@ -159,7 +159,9 @@ def test_task_1_each_problem_names_field_value_and_fix(impl, field):
     for value in INVALID[field]:
         problems = config_error(
             impl, f"SpeculativeConfig({field}={value!r}) is invalid and must raise ConfigError "
-            f"({CHAPTER}, Task 1)", lambda: Config(**{field: value}))
+            f"({CHAPTER}, Task 1): a problem of one field alone is what the provided "
+            f"type_problems(self) and range_problems(self, bad) report; does validate add both?",
+            lambda: Config(**{field: value}))
         assert naming(problems, field, value), (
             f"SpeculativeConfig({field}={value!r}): one problem line must name the field "
             f"{field!r} and show the value {value!r}; got {problems}"
@@ -839,6 +841,8 @@ def test_provided_code_lives_once_in_the_kit():
         assert issubclass(config.SpeculativeConfig, kit_config.ConfigFields), (
             f"{config.__name__}.SpeculativeConfig must build on the kit's ConfigFields (fields, JSON)")
         assert config.type_problems is kit_config.type_problems and config.POLICIES is kit_config.POLICIES
+        assert config.range_problems is kit_config.range_problems, (
+            f"{config.__name__}.range_problems must be the kit's, not a copy")
         assert (contracts.lookup, contracts.rebind, contracts.cache_offset) == (
             kit_contracts.lookup, kit_contracts.rebind, kit_contracts.cache_offset), (
             f"{contracts.__name__} must re-export the kit's lookup, rebind and cache_offset, not copies")

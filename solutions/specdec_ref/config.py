@@ -22,6 +22,7 @@ from specdec.kit.config import (
     POLICIES,
     ConfigFields,
     a_type,
+    range_problems,
     type_problems,
 )
 from specdec.kit.errors import ConfigError
@@ -71,7 +72,8 @@ class SpeculativeConfig(ConfigFields):
 
     The fields, their defaults, `__post_init__` (runs `validate`, raises ConfigError), `to_json`
     and `from_json` are provided by `ConfigFields` (`specdec.kit.config`), with the helpers
-    `type_problems`, `POLICIES`, `DRAFTERS`, `MAX_SEED`, `ALLOWED`, `DEFAULTS`, `AT_LEAST_ONE`.
+    `type_problems`, `range_problems`, `POLICIES`, `DRAFTERS`, `MAX_SEED`, `ALLOWED`, `DEFAULTS`,
+    `AT_LEAST_ONE`.
     """
 
     def validate(self) -> list[str]:
@@ -83,54 +85,18 @@ class SpeculativeConfig(ConfigFields):
           - types: int fields hold ints (not bools, not floats, not strings); float fields hold
             finite ints or floats (not bools, not NaN or inf); fallback and check_contracts hold
             bools; adaptive is None or a str; memory_limit_mb is None or a finite number. A field
-            of the wrong type gets one problem, and the checks below skip it (never a TypeError);
-          - ranges: lookahead, min_lookahead, max_lookahead, window, max_tokens, max_ngram,
-            min_ngram, tree_branching, batch_size, fallback_window, probe_every >= 1;
-            top_k >= 0; 0 <= raise_above <= 1 and 0 <= lower_below <= 1; temperature >= 0;
-            0 < top_p <= 1; 0 <= fallback_margin < 1; 0 < probe_budget <= 1; memory_limit_mb > 0;
-            0 <= seed <= 2**64 - 1; adaptive in POLICIES; drafter in DRAFTERS;
-          - every cross-field rule of the class docstring.
+            of the wrong type gets one problem, and the checks below skip it (never a TypeError).
+            Provided: `problems, bad = type_problems(self)`, bad the names of those fields;
+          - ranges, one field at a time (lookahead >= 1, 0 < top_p <= 1, drafter in DRAFTERS,
+            ...). Provided: `range_problems(self, bad)`, whose docstring lists every range;
+          - every cross-field rule of the class docstring, skipping a rule that involves a field
+            in `bad`: one problem per broken rule, naming each field involved and its value.
         """
         problems, bad_type = type_problems(self)
+        problems += range_problems(self, bad_type)
 
         def typed(*names: str) -> bool:  # may these fields be compared? (their type is right)
             return not bad_type.intersection(names)
-
-        for name in ("lookahead", "min_lookahead", "max_lookahead", "window", "max_tokens",
-                     "max_ngram", "min_ngram", "tree_branching", "batch_size", "fallback_window",
-                     "probe_every"):
-            if typed(name) and getattr(self, name) < 1:
-                problems.append(f"{name} {getattr(self, name)} < 1: {AT_LEAST_ONE[name]}")
-        if typed("top_k") and self.top_k < 0:
-            problems.append(f"top_k {self.top_k} < 0: use 0 to turn top-k off, or k >= 1 to keep "
-                            "the k most probable tokens")
-        for name in ("raise_above", "lower_below"):
-            if typed(name) and not 0 <= getattr(self, name) <= 1:
-                problems.append(f"{name} {getattr(self, name)} is outside [0, 1]: it is a fraction "
-                                f"of drafts accepted (default {DEFAULTS[name]})")
-        if typed("temperature") and self.temperature < 0:
-            problems.append(f"temperature {self.temperature} < 0: use 0 for greedy decoding or a "
-                            "positive value such as 0.7 to sample")
-        if typed("top_p") and not 0 < self.top_p <= 1:
-            problems.append(f"top_p {self.top_p} is outside (0, 1]: 1.0 turns nucleus filtering "
-                            "off, 0.9 keeps the most probable tokens up to 90% of the mass")
-        if typed("fallback_margin") and not 0 <= self.fallback_margin < 1:
-            problems.append(f"fallback_margin {self.fallback_margin} is outside [0, 1): it is a "
-                            "relative goodput margin such as 0.05")
-        if typed("probe_budget") and not 0 < self.probe_budget <= 1:
-            problems.append(f"probe_budget {self.probe_budget} is outside (0, 1]: it is the share "
-                            "of plain time a failed probe may cost, such as 0.02")
-        if typed("memory_limit_mb") and self.memory_limit_mb is not None and self.memory_limit_mb <= 0:
-            problems.append(f"memory_limit_mb {self.memory_limit_mb} <= 0: use None for no limit "
-                            "or a positive size in MB such as 4096")
-        if typed("seed") and not 0 <= self.seed <= MAX_SEED:
-            problems.append(f"seed {self.seed} is outside 0 .. 2**64 - 1: any non-negative "
-                            "integer below 2**64 picks a reproducible random stream")
-        if typed("adaptive") and self.adaptive is not None and self.adaptive not in POLICIES:
-            problems.append(f"adaptive {self.adaptive!r} is not a policy: use None (fixed K) or "
-                            f"one of {ALLOWED['adaptive']}")
-        if typed("drafter") and self.drafter not in DRAFTERS:
-            problems.append(f"drafter {self.drafter!r} is not a drafter: use one of {ALLOWED['drafter']}")
 
         # Cross-field rules.
         if typed("min_lookahead", "max_lookahead") and self.min_lookahead > self.max_lookahead:

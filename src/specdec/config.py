@@ -22,6 +22,7 @@ from specdec.kit.config import (
     POLICIES,
     ConfigFields,
     a_type,
+    range_problems,
     type_problems,
 )
 from specdec.kit.errors import ConfigError
@@ -71,7 +72,8 @@ class SpeculativeConfig(ConfigFields):
 
     The fields, their defaults, `__post_init__` (runs `validate`, raises ConfigError), `to_json`
     and `from_json` are provided by `ConfigFields` (`specdec.kit.config`), with the helpers
-    `type_problems`, `POLICIES`, `DRAFTERS`, `MAX_SEED`, `ALLOWED`, `DEFAULTS`, `AT_LEAST_ONE`.
+    `type_problems`, `range_problems`, `POLICIES`, `DRAFTERS`, `MAX_SEED`, `ALLOWED`, `DEFAULTS`,
+    `AT_LEAST_ONE`.
     """
 
     def validate(self) -> list[str]:
@@ -83,13 +85,12 @@ class SpeculativeConfig(ConfigFields):
           - types: int fields hold ints (not bools, not floats, not strings); float fields hold
             finite ints or floats (not bools, not NaN or inf); fallback and check_contracts hold
             bools; adaptive is None or a str; memory_limit_mb is None or a finite number. A field
-            of the wrong type gets one problem, and the checks below skip it (never a TypeError);
-          - ranges: lookahead, min_lookahead, max_lookahead, window, max_tokens, max_ngram,
-            min_ngram, tree_branching, batch_size, fallback_window, probe_every >= 1;
-            top_k >= 0; 0 <= raise_above <= 1 and 0 <= lower_below <= 1; temperature >= 0;
-            0 < top_p <= 1; 0 <= fallback_margin < 1; 0 < probe_budget <= 1; memory_limit_mb > 0;
-            0 <= seed <= 2**64 - 1; adaptive in POLICIES; drafter in DRAFTERS;
-          - every cross-field rule of the class docstring.
+            of the wrong type gets one problem, and the checks below skip it (never a TypeError).
+            Provided: `problems, bad = type_problems(self)`, bad the names of those fields;
+          - ranges, one field at a time (lookahead >= 1, 0 < top_p <= 1, drafter in DRAFTERS,
+            ...). Provided: `range_problems(self, bad)`, whose docstring lists every range;
+          - every cross-field rule of the class docstring, skipping a rule that involves a field
+            in `bad`: one problem per broken rule, naming each field involved and its value.
         """
         raise NotImplementedError(
             "Week 4 Day 1 Task 1: SpeculativeConfig.validate — see book/src/week4-01-config-contracts.md"

@@ -3,7 +3,8 @@
 `ConfigFields` holds every field of `SpeculativeConfig` with its default, the `__post_init__`
 that validates on construction, and the JSON round trip; each tree's `SpeculativeConfig`
 subclasses it and adds the exercise methods `validate`, `to_dict` and `from_dict`. The helpers
-below (`type_problems`, the allowed values, ready-made fixes) are what `validate` builds on.
+below (`type_problems` and `range_problems`: the checks of one field at a time, the allowed
+values, ready-made fixes) are what `validate` builds on.
 """
 
 from __future__ import annotations
@@ -132,6 +133,60 @@ def type_problems(config) -> tuple[list[str], set[str]]:
             problems.append(f"{f.name} {value!r} is not a finite number: write None (no limit) "
                             "or a size in MB such as 4096")
     return problems, {p.split(" ", 1)[0] for p in problems}
+
+
+def range_problems(config, skip: set) -> list[str]:
+    """One problem per field whose value is outside its range, for the fields not in `skip`
+    (those whose type is wrong: `type_problems` returns their names). Each names the field and
+    its value, then ": ", then the fix, e.g. "window 0 < 1: the threshold policy averages over at
+    least one round (try 10)".
+
+    The ranges: lookahead, min_lookahead, max_lookahead, window, max_tokens, max_ngram,
+    min_ngram, tree_branching, batch_size, fallback_window, probe_every >= 1; top_k >= 0;
+    0 <= raise_above <= 1 and 0 <= lower_below <= 1; temperature >= 0; 0 < top_p <= 1;
+    0 <= fallback_margin < 1; 0 < probe_budget <= 1; memory_limit_mb > 0 (or None);
+    0 <= seed <= 2**64 - 1; adaptive None or in POLICIES; drafter in DRAFTERS.
+    One field at a time: the rules between fields are `validate`'s own.
+    """
+    problems: list[str] = []
+
+    def out_of_range(name: str, ok) -> bool:  # a field of the right type that breaks its range
+        return name not in skip and not ok(getattr(config, name))
+
+    for name in AT_LEAST_ONE:
+        if out_of_range(name, lambda v: v >= 1):
+            problems.append(f"{name} {getattr(config, name)} < 1: {AT_LEAST_ONE[name]}")
+    if out_of_range("top_k", lambda v: v >= 0):
+        problems.append(f"top_k {config.top_k} < 0: use 0 to turn top-k off, or k >= 1 to keep "
+                        "the k most probable tokens")
+    for name in ("raise_above", "lower_below"):
+        if out_of_range(name, lambda v: 0 <= v <= 1):
+            problems.append(f"{name} {getattr(config, name)} is outside [0, 1]: it is a fraction "
+                            f"of drafts accepted (default {DEFAULTS[name]})")
+    if out_of_range("temperature", lambda v: v >= 0):
+        problems.append(f"temperature {config.temperature} < 0: use 0 for greedy decoding or a "
+                        "positive value such as 0.7 to sample")
+    if out_of_range("top_p", lambda v: 0 < v <= 1):
+        problems.append(f"top_p {config.top_p} is outside (0, 1]: 1.0 turns nucleus filtering "
+                        "off, 0.9 keeps the most probable tokens up to 90% of the mass")
+    if out_of_range("fallback_margin", lambda v: 0 <= v < 1):
+        problems.append(f"fallback_margin {config.fallback_margin} is outside [0, 1): it is a "
+                        "relative goodput margin such as 0.05")
+    if out_of_range("probe_budget", lambda v: 0 < v <= 1):
+        problems.append(f"probe_budget {config.probe_budget} is outside (0, 1]: it is the share "
+                        "of plain time a failed probe may cost, such as 0.02")
+    if out_of_range("memory_limit_mb", lambda v: v is None or v > 0):
+        problems.append(f"memory_limit_mb {config.memory_limit_mb} <= 0: use None for no limit "
+                        "or a positive size in MB such as 4096")
+    if out_of_range("seed", lambda v: 0 <= v <= MAX_SEED):
+        problems.append(f"seed {config.seed} is outside 0 .. 2**64 - 1: any non-negative "
+                        "integer below 2**64 picks a reproducible random stream")
+    if out_of_range("adaptive", lambda v: v is None or v in POLICIES):
+        problems.append(f"adaptive {config.adaptive!r} is not a policy: use None (fixed K) or "
+                        f"one of {ALLOWED['adaptive']}")
+    if out_of_range("drafter", lambda v: v in DRAFTERS):
+        problems.append(f"drafter {config.drafter!r} is not a drafter: use one of {ALLOWED['drafter']}")
+    return problems
 
 
 def is_number(value: Any) -> bool:
