@@ -1,5 +1,9 @@
 """Week 4 Day 5 — serving with continuous batching: find_stop (task 1), prefill_request (task 2),
-Scheduler.admit (task 3), Scheduler.step (task 4); and the kit's HTTP server (test_server_*).
+Scheduler.admit (task 3), Scheduler.commit_round (task 4: a round's bookkeeping), Scheduler.step
+(task 5: the round itself); and the kit's HTTP server (test_server_*).
+
+Tasks 4 and 5 are graded through the same scenarios: a task 4 test runs your commit_round under
+the reference's step, a task 5 test runs your step over the reference's commit_round.
 
 Book: book/src/week4-05-serving.md. Grade with
     pytest tests/test_week_4_day_5.py --impl student -k task_1
@@ -32,6 +36,8 @@ from support import BATCHED_FOUNDATIONS, assert_close, mlx_lm_greedy, raises, st
 # What the scheduler stands on: graded elsewhere, taken from the reference here.
 EARLIER_TASKS = BATCHED_FOUNDATIONS
 TASK_1, TASK_2, TASK_3 = "serving.find_stop", "serving.prefill_request", "serving.Scheduler.admit"
+TASK_4, TASK_5 = "serving.Scheduler.commit_round", "serving.Scheduler.step"
+BEFORE_4 = (*EARLIER_TASKS, TASK_1, TASK_2, TASK_3)
 
 def fresh_next_logits(model, tokens: list[int]) -> np.ndarray:
     cache = make_prompt_cache(model)
@@ -208,7 +214,7 @@ def test_task_3_admit_isolates_a_failing_prefill(impl, use_ref, llama_models):
     assert scheduler.rows == [good, also_good], "the other requests still join the batch"
 
 
-# Task 4: step ----------------------------------------------------------------------------------------
+# Tasks 4 and 5: commit_round and step ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def staggered_case(llama_models):
     """36 prompts (1 to 41 tokens), their max_tokens, and their solo greedy outputs."""
@@ -218,10 +224,8 @@ def staggered_case(llama_models):
     return prompts, max_tokens, [mlx_lm_greedy(llama_models[1], p, m) for p, m in zip(prompts, max_tokens)]
 
 
-@pytest.mark.parametrize("mode", ["speculative", "plain"])
-def test_task_4_continuous_batching_is_exact(impl, use_ref, llama_models, staggered_case, mode):
+def continuous_batching_is_exact(impl, llama_models, staggered_case, mode):
     """>= 32 requests of many lengths, joining at different steps: each is its solo greedy output."""
-    use_ref(*EARLIER_TASKS, TASK_1, TASK_2, TASK_3)
     draft, target = llama_models
     S = impl.serving
     prompts, max_tokens, want = staggered_case
@@ -249,6 +253,18 @@ def test_task_4_continuous_batching_is_exact(impl, use_ref, llama_models, stagge
         assert scheduler.stats.drafted > 0, "with a draft model and lookahead 3 the rounds must draft"
 
 
+@pytest.mark.parametrize("mode", ["speculative", "plain"])
+def test_task_4_continuous_batching_is_exact(impl, use_ref, llama_models, staggered_case, mode):
+    use_ref(*BEFORE_4, TASK_5)
+    continuous_batching_is_exact(impl, llama_models, staggered_case, mode)
+
+
+@pytest.mark.parametrize("mode", ["speculative", "plain"])
+def test_task_5_continuous_batching_is_exact(impl, use_ref, llama_models, staggered_case, mode):
+    use_ref(*BEFORE_4, TASK_4)
+    continuous_batching_is_exact(impl, llama_models, staggered_case, mode)
+
+
 class ScriptedController:
     """Stands in for Week 4 Day 3's FallbackController: K follows a script (0 = a plain round)."""
 
@@ -264,9 +280,9 @@ class ScriptedController:
         return self.lookahead
 
 
-def test_task_4_controller_rounds_and_plain_rounds(impl, use_ref, llama_models):
+def test_task_5_controller_rounds_and_plain_rounds(impl, use_ref, llama_models):
     """With a controller, K changes every round, 0 included: the draft must stay in step."""
-    use_ref(*EARLIER_TASKS, TASK_1, TASK_2, TASK_3)
+    use_ref(*BEFORE_4, TASK_4)
     draft, target = llama_models
     S = impl.serving
     controller = ScriptedController([0, 3, 0, 0, 2, 1, 4])
@@ -286,10 +302,10 @@ def test_task_4_controller_rounds_and_plain_rounds(impl, use_ref, llama_models):
         "every row-round is recorded in its request's stats and in the scheduler's stats")
 
 
-def test_task_4_identical_draft_is_always_accepted(impl, use_ref):
+def test_task_5_identical_draft_is_always_accepted(impl, use_ref):
     """A draft equal to the target proposes exactly the target's tokens: only a draft cache out
     of step (wrong unseen tokens, a missed rollback, a misaligned joined row) can reject one."""
-    use_ref(*EARLIER_TASKS, TASK_1, TASK_2, TASK_3)
+    use_ref(*BEFORE_4, TASK_4)
     draft, target = tiny_llama_pair(seed=0, noise=0.0)
     S = impl.serving
     prompts = random_prompts(16, 64, seed=3)
@@ -305,7 +321,7 @@ def test_task_4_identical_draft_is_always_accepted(impl, use_ref):
 
 
 def test_task_4_events_eos_stop_and_cancel(impl, use_ref, llama_models):
-    use_ref(*EARLIER_TASKS, TASK_1, TASK_2, TASK_3)
+    use_ref(*BEFORE_4, TASK_5)
     draft, target = llama_models
     S = impl.serving
     prompt = [3, 1, 4, 1, 5]
@@ -357,9 +373,9 @@ def markov_serving_models():
     return markov_pair(vocab_size=12, seed=5, mix=0.5, period=3)
 
 
-def test_task_4_seeded_sampling_ignores_batch_mates(impl, use_ref, markov_serving_models):
+def test_task_5_seeded_sampling_ignores_batch_mates(impl, use_ref, markov_serving_models):
     """A request's randomness is its own: same seed, same tokens, alone or in a crowd."""
-    use_ref(*EARLIER_TASKS, TASK_1, TASK_2, TASK_3)
+    use_ref(*BEFORE_4, TASK_4)
     draft, target = markov_serving_models
     S = impl.serving
 
@@ -388,7 +404,7 @@ def test_task_4_sampled_rows_follow_the_target(impl, use_ref, markov_serving_mod
     Chi-square test of the 4th output token's marginal over 400 seeded requests; the seeds are
     fixed, so the result is deterministic; a correct implementation fails with probability 1e-3.
     """
-    use_ref(*EARLIER_TASKS, TASK_1, TASK_2, TASK_3)
+    use_ref(*BEFORE_4, TASK_5)
     draft, target = markov_serving_models
     S = impl.serving
     scheduler = S.Scheduler(target, draft, lookahead=3, max_batch=16)
@@ -424,6 +440,64 @@ def test_task_4_sampled_rows_follow_the_target(impl, use_ref, markov_serving_mod
         "Verify each row with its own temperature and key, and give verify_speculation the q "
         "the drafts were drawn from"
     )
+
+
+def test_task_4_accepted_counts_and_shared_padding(impl, use_ref, llama_models):
+    """commit_round returns each row's n (what the controller is told) and, once every row pads
+    SHARED_PADDING_LIMIT columns (rollbacks free columns at the front), slices them off."""
+    use_ref(*BEFORE_4, TASK_5)
+    draft, target = llama_models
+    S = impl.serving
+    controller = ScriptedController([4])
+    scheduler = S.Scheduler(target, draft, lookahead=4, max_batch=2, controller=controller)
+    requests = [scheduler.submit(S.Request(p, max_tokens=90)) for p in ([1, 2, 3], [7, 7])]
+    most = 0
+    while scheduler.has_work:
+        scheduler.step()
+        check_invariant(scheduler)
+        if scheduler.rows:
+            padding = min(scheduler.target_cache[0].left_padding.tolist())
+            most = max(most, padding)
+            assert padding < S.SHARED_PADDING_LIMIT, (
+                f"every row pads {padding} >= SHARED_PADDING_LIMIT ({S.SHARED_PADDING_LIMIT}) columns "
+                "after commit_round: when that happens, filter_rows(cache, all rows) on both caches "
+                "slices the shared padding off (the rows' rollbacks keep adding to it)")
+    rejected = scheduler.stats.drafted - scheduler.stats.accepted
+    assert rejected >= 2 * S.SHARED_PADDING_LIMIT, f"test setup: only {rejected} drafts were rejected"
+    for K, accepted in controller.updates:
+        assert 1 <= K <= 4 and len(accepted) in (1, 2) and all(0 <= n <= K for n in accepted), (
+            f"commit_round returns accepted = [n_b for every row b of the round], 0 <= n_b <= K: "
+            f"the controller was told {accepted} for K = {K}")
+    told = sum(sum(accepted) for _, accepted in controller.updates)
+    assert told == scheduler.stats.accepted == sum(r.stats.accepted for r in requests), (
+        f"the accepted counts commit_round returns ({told} in all) must be the n it recorded in the "
+        f"request's and the scheduler's stats ({scheduler.stats.accepted})")
+
+
+def test_task_5_a_cancelled_row_leaves_at_the_next_step(impl, use_ref, llama_models):
+    """A request cancelled while it runs leaves at the start of the next step, with its Event;
+    the others go on, exactly."""
+    use_ref(*BEFORE_4, TASK_4)
+    draft, target = llama_models
+    S = impl.serving
+    scheduler = S.Scheduler(target, draft, lookahead=3, max_batch=4)
+    prompts = [[3, 1, 4], [1], [5, 9, 2, 6]]
+    requests = [scheduler.submit(S.Request(p, max_tokens=12)) for p in prompts]
+    scheduler.step()
+    scheduler.step()
+    requests[1].cancel()
+    events = scheduler.step()
+    cancelled = [e for e in events if e.request is requests[1]]
+    assert [e.finish_reason for e in cancelled] == ["cancelled"], (
+        "a running request that was cancelled leaves at the next step: that step returns its Event "
+        f"with finish_reason 'cancelled'; got {[(e.tokens, e.finish_reason) for e in cancelled]}")
+    assert requests[1] not in scheduler.rows and requests[1].finish_reason == "cancelled", (
+        "the cancelled row leaves the batch before the round (keep_rows), so it decodes no more")
+    run_all(scheduler, {}, check=True)
+    for r in (requests[0], requests[2]):
+        assert r.output == mlx_lm_greedy(target, r.prompt, 12), (
+            f"the rows that stay after a cancellation must finish with their solo greedy output: "
+            f"{r.prompt} got {r.output}")
 
 
 # Server tests (kit HTTP layer over the implementation under test) ------------------------------------
@@ -629,7 +703,7 @@ def chi_square_p(counts: np.ndarray, expected: np.ndarray) -> float:
     return float(scipy_stats.chi2.sf(chi2, keep.sum() - 1))
 
 
-def test_task_4_later_tokens_follow_the_joint_law(impl, use_ref, markov_serving_models):
+def test_task_5_later_tokens_follow_the_joint_law(impl, use_ref, markov_serving_models):
     """Tokens 2 and 3 of 1,280 seeded requests at lookahead 1: their joint law is the target's.
 
     A row that reuses its keys (never advanced, or the same keys every round) draws the same
@@ -637,7 +711,7 @@ def test_task_4_later_tokens_follow_the_joint_law(impl, use_ref, markov_serving_
     seeds are fixed, so the result is deterministic; a correct implementation fails with
     probability 1e-3 (the chi-square threshold), whatever order it splits its keys in.
     """
-    use_ref(*EARLIER_TASKS, TASK_1, TASK_2, TASK_3)
+    use_ref(*BEFORE_4, TASK_4)
     draft, target = markov_serving_models
     S = impl.serving
     start, N, T = 4, 1280, 1.0
@@ -659,9 +733,9 @@ def test_task_4_later_tokens_follow_the_joint_law(impl, use_ref, markov_serving_
         "the same key twice (e.g. splitting request.key without replacing it)")
 
 
-def test_task_4_seeded_sampling_ignores_admission_order(impl, use_ref, markov_serving_models):
+def test_task_5_seeded_sampling_ignores_admission_order(impl, use_ref, markov_serving_models):
     """The same seeded request, admitted first or fourth, in any order: the same tokens."""
-    use_ref(*EARLIER_TASKS, TASK_1, TASK_2, TASK_3)
+    use_ref(*BEFORE_4, TASK_4)
     draft, target = markov_serving_models
     S = impl.serving
 
@@ -683,7 +757,7 @@ def test_task_4_seeded_sampling_ignores_admission_order(impl, use_ref, markov_se
 
 def test_task_4_a_failing_row_fails_alone(impl, use_ref, llama_models):
     """One request whose round raises: it ends with 'error'; its batch-mates finish exactly."""
-    use_ref(*EARLIER_TASKS, TASK_1, TASK_2, TASK_3)
+    use_ref(*BEFORE_4, TASK_5)
     draft, target = llama_models
     S = impl.serving
 
@@ -707,8 +781,9 @@ def test_task_4_a_failing_row_fails_alone(impl, use_ref, llama_models):
             raise
         except Exception as error:  # noqa: BLE001
             pytest.fail(f"step() raised {type(error).__name__}: {error} — one failing request never "
-                        "fails another: catch what verifying or emitting a row raises, end that "
-                        "request alone (finish(request, 'error', message)) and go on with the others")
+                        "fails another: in commit_round, catch what verifying or emitting a row "
+                        "raises, end that request alone (finish(request, 'error', message)) and go "
+                        "on with the others")
         for event in events:
             if event.finish_reason is not None:
                 finishes[id(event.request)] = event.finish_reason
@@ -730,10 +805,9 @@ COUPLING = ("coupling.gumbel_noise", "coupling.gumbel_sample", "coupling.seeded_
 
 def test_task_4_coupled_rows_are_plain_seeded_decoding(impl, use_ref, ref, markov_serving_models):
     """A row with the coupled rule (a seeded server request) gets exactly `seeded_generate`'s
-    tokens, whatever K the controller picks (0 included) and whoever shares its batch; an
-    identical draft with the row's own noise is always accepted. The Markov pair's logits are
-    table lookups, exact on every backend."""
-    use_ref(*EARLIER_TASKS, TASK_1, TASK_2, TASK_3, *COUPLING)
+    tokens, whatever K the controller picks (0 included) and whoever shares its batch. The Markov
+    pair's logits are table lookups, exact on every backend."""
+    use_ref(*BEFORE_4, TASK_5, *COUPLING)
     draft, target = markov_serving_models
     S = impl.serving
     seeds, T = [3, 77, 2024], 0.9
@@ -755,6 +829,14 @@ def test_task_4_coupled_rows_are_plain_seeded_decoding(impl, use_ref, ref, marko
                 "row's sampling rule — never verify_speculation or sample_token directly")
         assert mates[1].output == mlx_lm_greedy(target, [9], 30), (
             "a greedy row beside coupled rows must stay exactly greedy")
+
+
+def test_task_5_coupled_identical_draft_is_always_accepted(impl, use_ref, markov_serving_models):
+    """With the target as its own draft, a coupled row's drafts use the noise its rule verifies
+    with, so every draft is accepted (the Markov pair's logits are exact on every backend)."""
+    use_ref(*BEFORE_4, TASK_4, *COUPLING)
+    target = markov_serving_models[1]
+    S, T = impl.serving, 0.9
     scheduler = S.Scheduler(target, target, lookahead=3, max_batch=4)
     same = S.Request([4, 7], max_tokens=13, temperature=T, seed=11, sampling=S.COUPLED)
     run_all(scheduler, {0: [same, S.Request([5], max_tokens=13, temperature=0.8, seed=2)]})

@@ -109,7 +109,8 @@ class Scheduler(SchedulerBase):
     FallbackController: it then picks K each round), waiting (a deque of Requests), rows (the
     running Requests, in cache row order), draft_cache / target_cache (per-layer BatchKVCaches
     over `rows`, None while no row runs), stats (one SpecStats for everything served).
-    Everything but `admit` and `step` is provided by `SchedulerBase` (specdec.kit.serving).
+    Everything but `admit`, `commit_round` and `step` is provided by `SchedulerBase`
+    (specdec.kit.serving).
     """
 
     # Task 3: admission --------------------------------------------------------------------------
@@ -142,73 +143,36 @@ class Scheduler(SchedulerBase):
             self.rows.append(request)
         return events
 
-    # Task 4: one round ----------------------------------------------------------------------------
-    def step(self) -> list[Event]:
-        """One scheduler step: admit, drop cancelled rows, run one round, emit, evict.
+    # Task 4: a round's bookkeeping ------------------------------------------------------------
+    def commit_round(self, K: int, target_logits: mx.array, draft_tokens: Optional[mx.array] = None,
+                     q_draft: Optional[mx.array] = None) -> tuple[list[Event], list[int]]:
+        """Settle a round whose model calls have run: each row's verdict and tokens, then the
+        batch back in the invariant state. The batched twin of Week 2 Day 4's `commit_round`.
 
-        1. events = `admit()`; then every running row whose request is cancelled leaves (its
-           Event: finish_reason "cancelled") — `keep_rows`. No rows left: return events.
-        2. K = `next_lookahead()`. Each row's unseen tokens are the last two of C = prompt +
-           output, [PAD_ID, C[0]] when C has one token: the draft gets both [B, 2], the target
-           the last [B, 1].
-        3. Randomness is the row's own, decided by its sampling rule (`request.sampling`,
-           provided): never by the round, its row or the admission order.
-           K > 0: `draft_rows` with per-row temperatures and noises, noise b =
-           `self.draft_noise(request, K)` (None for a greedy row); one target call on [unseen,
-           drafts]; then per row `self.verify_row(request, target_logits[b], draft_tokens[b],
-           q_draft[b])` -> (n, tokens). K = 0 (plain round): the draft, if any, is fed the first
-           of the two unseen tokens [B, 1] (so it keeps holding C[:-2]); one target call; per
-           row `self.verify_row(request, target_logits[b])` (n = 0, one token). verify_row
-           handles greedy rows, top_p, rejection sampling and the coupled rule of seeded
-           requests: never call verify_speculation or sample_token yourself.
-        4. Per row: `emit(request, tokens, target_logits[b])` (append its Event if not None) and
-           `request.stats.record_round(K, n, emitted)` and the batch stats too
-           (`self.stats.record_round`), where emitted = how many tokens emit appended to
-           request.output (fewer than n + 1 when EOS or max_tokens cut the round short).
-           One failing request never fails another: if verifying or emitting a row raises, that
-           request alone ends (`finish(request, "error", message)`, its Event returned) and
-           leaves with the finished rows; the round goes on for the others.
-           Rows whose request finished leave (`keep_rows`); the others roll back K - n_i
-           entries of both caches (`rollback_rows`, after `keep_rows`). When every row pads
-           >= SHARED_PADDING_LIMIT columns, `filter_rows(cache, all rows)` slices them off.
-        5. `record_round(K, [n_i], draft seconds, verify seconds)` (n_i = 0 for a failed row).
-        Returns the events of this step. At temperature 0 every request's output is exactly
-        its solo greedy output, whatever joined or left its batch and when; a request with the
-        coupled rule (`sampling=COUPLED`) gets exactly the tokens of plain seeded decoding
-        (`coupling.seeded_generate` with its seed, temperature and top_p), whatever K each round
-        used, its drafts and its batch-mates.
+        K: this round's draft length (0: a plain round). target_logits: float [B, K + 1, V], B =
+        len(rows), the target's raw logits over each row's last unseen token and its K drafts.
+        draft_tokens: int [B, K] and q_draft: float [B, K, V], from `draft_rows`; None (both)
+        when K = 0. Per row b, in row order:
+          - (n, tokens) = `self.verify_row(request, target_logits[b], draft_tokens[b],
+            q_draft[b])`, or `self.verify_row(request, target_logits[b])` when K = 0 (n = 0, one
+            token). verify_row handles greedy rows, top_p, rejection sampling and the coupled
+            rule of seeded requests: never call verify_speculation or sample_token yourself;
+          - `emit(request, tokens, target_logits[b])`, its Event appended if not None;
+          - `request.stats.record_round(K, n, emitted)` and `self.stats.record_round(K, n,
+            emitted)`, where emitted = how many tokens emit appended to request.output (fewer
+            than n + 1 when EOS or max_tokens cut the round short).
+          One failing request never fails another: if verifying or emitting a row raises, that
+          request alone ends (`finish(request, "error", "<ExceptionType>: <message>")`, its Event
+          returned) and leaves with the finished rows; the others go on.
+        Then the rows whose request finished leave (`keep_rows`), and every kept row b rolls back
+        K - n_b entries of both caches (`rollback_rows`, after `keep_rows`, so that the list and
+        the caches hold the same rows; nothing when K = 0): each row's target cache holds C[:-1]
+        and its draft cache C[:-2] again (C = prompt + output). When every remaining row pads
+        >= SHARED_PADDING_LIMIT columns, `filter_rows(cache, all rows)` slices the shared padding off.
+        Returns (events, accepted): this round's Events, and n_b for every row b the round
+        started with (0 for a failed row), in row order — what `record_round` takes.
         """
-        events = self.admit()
-        live = [b for b, r in enumerate(self.rows) if not r.cancelled]
-        for b, r in enumerate(self.rows):
-            if r.cancelled:
-                events.append(self.finish(r, "cancelled"))
-        self.keep_rows(live)
-        if not self.rows:
-            return events
-
-        K = self.next_lookahead()
-        sequences = [r.prompt + r.output for r in self.rows]
-        unseen = mx.array([([PAD_ID] + s)[-2:] for s in sequences], dtype=mx.int32)  # [B, 2]
-        noises = [self.draft_noise(r, K) for r in self.rows]  # [K, V] per sampled row, else None
-
-        start = time.perf_counter()
-        if K > 0:
-            temperatures = [r.temperature for r in self.rows]
-            draft_tokens, q_draft = draft_rows(
-                self.draft_model, self.draft_cache, unseen, K, temperatures, noises)
-            mx.eval(draft_tokens, q_draft)
-            inputs = mx.concatenate([unseen[:, 1:], draft_tokens], axis=1)
-        else:
-            if self.draft_cache is not None:
-                self.draft_model(unseen[:, :1], cache=self.draft_cache)
-                mx.eval([layer.state for layer in self.draft_cache])
-            inputs = unseen[:, 1:]
-        drafted = time.perf_counter()
-        target_logits = self.target_model(inputs, cache=self.target_cache)[:, -(K + 1):]
-        mx.eval(target_logits)
-
-        keep, drops, accepted = [], [], []
+        events, keep, drops, accepted = [], [], [], []
         for b, r in enumerate(self.rows):
             try:
                 if K > 0:
@@ -230,7 +194,6 @@ class Scheduler(SchedulerBase):
             if r.finish_reason is None:
                 keep.append(b)
                 drops.append(K - n)
-        verified = time.perf_counter()
         self.keep_rows(keep)
         if self.rows:
             for cache in (self.draft_cache, self.target_cache):
@@ -240,5 +203,65 @@ class Scheduler(SchedulerBase):
                     rollback_rows(cache, drops)
                 if min(cache[0].left_padding.tolist()) >= SHARED_PADDING_LIMIT:
                     filter_rows(cache, list(range(len(self.rows))))
-        self.record_round(K, accepted, drafted - start, verified - drafted)
-        return events
+        return events, accepted
+
+    # Task 5: one step -------------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        """One scheduler step: admit, drop cancelled rows, run one round, commit it, record it.
+
+        1. events = `admit()`; then every running row whose request is cancelled leaves (its
+           Event: finish_reason "cancelled") — `keep_rows`. No rows left: return events.
+        2. K = `next_lookahead()`. Each row's unseen tokens are the last two of C = prompt +
+           output, [PAD_ID, C[0]] when C has one token: the draft gets both [B, 2], the target
+           the last [B, 1].
+        3. Randomness is the row's own, decided by its sampling rule (`request.sampling`,
+           provided): never by the round, its row or the admission order.
+           K > 0: `draft_rows` with per-row temperatures and noises, noise b =
+           `self.draft_noise(request, K)` (None for a greedy row), evaluated; then one target
+           call on [last unseen token, drafts] [B, K + 1] -> target_logits [B, K + 1, V].
+           K = 0 (a plain round): the draft, if any, is fed the first of the two unseen tokens
+           [B, 1] (so it keeps holding C[:-2]); one target call on the last [B, 1].
+        4. (round_events, accepted) = `commit_round(K, target_logits, draft_tokens, q_draft)`
+           (None, None when K = 0).
+        5. `record_round(K, accepted, draft seconds, verify seconds)`: draft seconds from the
+           start of step 3 to the drafts evaluated (the plain round's draft feed included),
+           verify seconds from there to the end of commit_round (`time.perf_counter`).
+        Returns the events of this step: admission's, the cancellations', the round's. At
+        temperature 0 every request's output is exactly its solo greedy output, whatever joined
+        or left its batch and when; a request with the coupled rule (`sampling=COUPLED`) gets
+        exactly the tokens of plain seeded decoding (`coupling.seeded_generate` with its seed,
+        temperature and top_p), whatever K each round used, its drafts and its batch-mates.
+        """
+        events = self.admit()
+        live = [b for b, r in enumerate(self.rows) if not r.cancelled]
+        for b, r in enumerate(self.rows):
+            if r.cancelled:
+                events.append(self.finish(r, "cancelled"))
+        self.keep_rows(live)
+        if not self.rows:
+            return events
+
+        K = self.next_lookahead()
+        sequences = [r.prompt + r.output for r in self.rows]
+        unseen = mx.array([([PAD_ID] + s)[-2:] for s in sequences], dtype=mx.int32)  # [B, 2]
+        noises = [self.draft_noise(r, K) for r in self.rows]  # [K, V] per sampled row, else None
+
+        start = time.perf_counter()
+        draft_tokens = q_draft = None
+        if K > 0:
+            temperatures = [r.temperature for r in self.rows]
+            draft_tokens, q_draft = draft_rows(
+                self.draft_model, self.draft_cache, unseen, K, temperatures, noises)
+            mx.eval(draft_tokens, q_draft)
+            inputs = mx.concatenate([unseen[:, 1:], draft_tokens], axis=1)
+        else:
+            if self.draft_cache is not None:
+                self.draft_model(unseen[:, :1], cache=self.draft_cache)
+                mx.eval([layer.state for layer in self.draft_cache])
+            inputs = unseen[:, 1:]
+        drafted = time.perf_counter()
+        target_logits = self.target_model(inputs, cache=self.target_cache)[:, -(K + 1):]
+        mx.eval(target_logits)
+        round_events, accepted = self.commit_round(K, target_logits, draft_tokens, q_draft)
+        self.record_round(K, accepted, drafted - start, time.perf_counter() - drafted)
+        return events + round_events

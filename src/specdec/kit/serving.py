@@ -4,7 +4,7 @@
 `RejectionSampling`, `CoupledSampling`), and `SchedulerBase`: the scheduler's `__init__`,
 `submit`, `next_lookahead`, `emit`, `finish`, `keep_rows`, `record_round`, `round_keys`,
 `sampling_logits`, `draft_noise` and `verify_row`. The exercise module's
-`Scheduler(SchedulerBase)` adds the tasks (`admit`, `step`); `emit`, `sampling_logits` and the
+`Scheduler(SchedulerBase)` adds the tasks (`admit`, `commit_round`, `step`); `emit`, `sampling_logits` and the
 rules call the exercise tree's own `find_stop`, `make_probs`, `sample_token`,
 `verify_speculation` and `coupling` functions (looked up in the module that defines the
 scheduler class, or in its package, so a test that stands the reference in for a task is
@@ -278,7 +278,8 @@ def _tree_module(obj, name: str):
 
 
 class SchedulerBase:
-    """The provided half of the Week 4 Day 5 `Scheduler` (the exercise adds admit and step)."""
+    """The provided half of the Week 4 Day 5 `Scheduler` (the exercise adds admit, commit_round
+    and step)."""
 
     def __init__(
         self,
@@ -484,7 +485,7 @@ class SchedulerBase:
 
     def record_round(self, K: int, accepted: list[int], draft_time_s: float, verify_time_s: float) -> None:
         """Tell the controller (if any) how the round went (provided). Per-row SpecStats are
-        the step's job; this adds the batched call counts and times to `self.stats`."""
+        commit_round's job; this adds the batched call counts and times to `self.stats`."""
         self.stats.draft_calls += K
         self.stats.draft_time_s += draft_time_s
         self.stats.verify_time_s += verify_time_s

@@ -120,7 +120,8 @@ TASKS: tuple = tuple(
     + _tasks(4, 4, "fallback", "week4-04-fallback-loops",
              "fallback_generate", "batched_fallback_decode")
     + _tasks(4, 5, "serving", "week4-05-serving",
-             "find_stop", "prefill_request", "Scheduler.admit", "Scheduler.step")
+             "find_stop", "prefill_request", "Scheduler.admit", "Scheduler.commit_round",
+             "Scheduler.step")
     + _tasks(4, 6, "benchmark", "week4-06-benchmarking",
              "time_decode",
              ("the theory beside it: measure_costs, compare_to_theory, sample_match_acceptance",
