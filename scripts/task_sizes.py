@@ -172,7 +172,8 @@ def report(days: list) -> str:
                     f"({day.tasks[0].task.chapter}){flag}")
         for size in day.tasks:
             parts = ", ".join(f"{name} {n}" for name, n in size.functions.items())
-            rows.append(f"    Task {size.task.task} {size.task.name:<40} {size.lines:4d}   ({parts})")
+            name = size.task.name if len(size.task.name) <= 40 else size.task.name[:37] + "..."
+            rows.append(f"    Task {size.task.task} {name:<40} {size.lines:4d}   ({parts})")
     flagged = [d for d in days if d.problems]
     rows.append(f"{len(days)} days, {len(flagged)} flagged (> {MAX_DAY_LINES} lines or > {MAX_RATIO:g}x)"
                 + (": " + ", ".join(f"W{d.week}D{d.day}" for d in flagged) if flagged else ""))
