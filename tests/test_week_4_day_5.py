@@ -500,6 +500,53 @@ def test_task_5_a_cancelled_row_leaves_at_the_next_step(impl, use_ref, llama_mod
             f"{r.prompt} got {r.output}")
 
 
+def test_task_5_round_seconds_come_from_the_clock(impl, use_ref, llama_models, monkeypatch):
+    """record_round gets the draft seconds (drafting, up to the drafts evaluated; a plain round's
+    draft feed) and the verify seconds (the target call and commit_round), both read with
+    time.perf_counter. A fake clock that only the models move makes them exact: each draft call
+    takes 1 s, each target call 10 s, admission's prefill happens before the round."""
+    use_ref(*BEFORE_4, TASK_4)
+    draft, target = llama_models
+    S = impl.serving
+    clock = [0.0]
+
+    class Timed:
+        def __init__(self, model, seconds: float):
+            self.model, self.seconds = model, seconds
+
+        def __call__(self, *args, **kwargs):
+            clock[0] += self.seconds
+            return self.model(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.model, name)
+
+    class TimedController(ScriptedController):
+        def update(self, num_drafted, num_accepted, draft_time_s=None, verify_time_s=None):
+            self.seconds = getattr(self, "seconds", []) + [(num_drafted, draft_time_s, verify_time_s)]
+            return super().update(num_drafted, num_accepted, draft_time_s, verify_time_s)
+
+    fake = lambda: clock[0]  # noqa: E731
+    monkeypatch.setattr(S, "time", type("FakeTime", (), {"perf_counter": staticmethod(fake)}))
+    if hasattr(S, "perf_counter"):  # `from time import perf_counter` works too
+        monkeypatch.setattr(S, "perf_counter", fake)
+    controller = TimedController([2, 0, 3])
+    scheduler = S.Scheduler(Timed(target, 10.0), Timed(draft, 1.0), lookahead=3, max_batch=2,
+                            controller=controller)
+    scheduler.submit(S.Request([1, 2, 3], max_tokens=30))
+    for _ in range(6):
+        scheduler.step()
+    want = [(K, float(K) if K else None, 10.0) for K in [2, 0, 3, 2, 0, 3]]
+    got = controller.seconds
+    assert got == want, (
+        f"each round's (K, draft seconds, verify seconds) as the controller sees them: expected "
+        f"{want} (a draft call takes 1 s, a target call 10 s), got {got}. Read "
+        "time.perf_counter() before drafting, after the drafts are evaluated (a plain round's "
+        "draft feed counts as drafting), and after commit_round; admission is not timed")
+    assert scheduler.stats.draft_time_s == pytest.approx(2 + 1 + 3 + 2 + 1 + 3), (
+        f"draft seconds of a plain round count too (its draft feed): {scheduler.stats.draft_time_s}")
+
+
 # Server tests (kit HTTP layer over the implementation under test) ------------------------------------
 CHAT_TEMPLATE = "{% for m in messages %}{{ m.role[0] }}: {{ m.content }}\n{% endfor %}a:"
 CONTEXT = 256
