@@ -40,8 +40,8 @@ MAX_RATIO = 3.0
 def _code_lines(node: ast.AST, source_lines: list) -> int:
     """Lines of `node`'s body that are code: not blank, not a comment, not the docstring."""
     body = list(node.body)
-    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
-            and isinstance(body[0].value.value, str):
+    first_value = body[0].value if body and isinstance(body[0], ast.Expr) else None
+    if isinstance(first_value, ast.Constant) and isinstance(first_value.value, str):
         body = body[1:]
     if not body:
         return 0

@@ -168,7 +168,7 @@ class Scheduler(SchedulerBase):
         K - n_b entries of both caches (`rollback_rows`, after `keep_rows`, so that the list and
         the caches hold the same rows; nothing when K = 0): each row's target cache holds C[:-1]
         and its draft cache C[:-2] again (C = prompt + output). When every remaining row pads
-        >= SHARED_PADDING_LIMIT columns, `filter_rows(cache, all rows)` slices the shared padding off.
+        >= SHARED_PADDING_LIMIT columns, `filter_rows(cache, all rows)` slices that padding off.
         Returns (events, accepted): this round's Events, and n_b for every row b the round
         started with (0 for a failed row), in row order — what `record_round` takes.
         """

@@ -124,7 +124,7 @@ TASKS: tuple = tuple(
              "Scheduler.step")
     + _tasks(4, 6, "benchmark", "week4-06-benchmarking",
              "time_decode",
-             ("the theory beside it: measure_costs, compare_to_theory, sample_match_acceptance",
+             ("costs, compare_to_theory, sample_match",
               "measure_costs", "compare_to_theory", "sample_match_acceptance"))
     + _tasks(5, 1, "coupling", "week5-01-drafter-invariant-sampling",
              "gumbel_noise",
