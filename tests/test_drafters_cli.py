@@ -249,6 +249,29 @@ def test_bad_drafter_flags_are_one_error_line_naming_the_value(flags, words, tmp
         assert word in captured.err, f"the error must name {word!r}: {captured.err}"
 
 
+def test_eagle_runs_through_the_registry_when_the_course_has_it(target, tmp_path, capsys):
+    """Week 5 Day 3 provides EagleDrafter and the kit's load_eagle: then --drafter eagle keeps
+    greedy output exact (an untrained drafter for the toy target); without them, a clear error."""
+    argv = ["generate", *TOY, "--max-tokens", "12", "--no-color", "--drafter", "eagle"]
+    try:
+        layer_cls = REF.eagle.EagleLayer
+    except AttributeError:
+        layer_cls = None
+    if drafter_registry.eagle_parts() is None or layer_cls is None:
+        assert main(argv) == 2
+        assert "--drafter eagle is not available" in capsys.readouterr().err
+        return
+    from specdec.kit.features import save_eagle
+
+    layer = layer_cls(target.args, ())
+    mx.eval(layer.parameters())
+    save_eagle(layer, tmp_path, target.args)
+    plain = output_tokens(run_cli(capsys, *argv[:-2], "--plain"))
+    for extra in ([], ["--no-fallback"]):
+        out = run_cli(capsys, *argv, "--heads", str(tmp_path), *extra)
+        assert output_tokens(out) == plain, f"--drafter eagle {extra}: greedy output is plain's\n{out}"
+
+
 def test_eagle_says_when_it_is_not_available(monkeypatch, capsys):
     monkeypatch.setattr(drafter_registry, "eagle_parts", lambda: None)
     assert main(["generate", *TOY, "--max-tokens", "4", "--drafter", "eagle"]) == 2

@@ -129,7 +129,7 @@ def load_medusa_heads(impl, target, heads: HeadsSpec = None):
         try:
             return load_heads(path, Heads, target)
         except FileNotFoundError as e:
-            raise DrafterError(f"--heads {path}: {e}") from None
+            raise DrafterError(f"--heads {path}: {e}" if heads is not None else str(e)) from None
         except ValueError as e:
             shipped = "" if heads is not None else " (the shipped heads fit the embedded target)"
             raise DrafterError(f"{e}{shipped}; pass --heads DIR with heads trained for this "
@@ -220,36 +220,31 @@ def eagle_parts():
     return None
 
 
-def eagle_drafter_class(impl):
-    """The `Drafter` class of `impl.eagle`: the one class defined there with draft and reset."""
-    module = getattr(impl, "eagle")
-    found = [obj for obj in vars(module).values()
-             if isinstance(obj, type) and obj.__module__ == module.__name__
-             and callable(getattr(obj, "draft", None)) and callable(getattr(obj, "reset", None))]
-    if len(found) != 1:
-        raise AttributeError(f"{module.__name__} has {len(found)} Drafter classes")
-    return found[0]
-
-
 def _eagle(impl, target, draft, lookahead, options):
-    from specdec.kit.features import feature_model
-
+    """Week 5 Day 3's API: `EagleDrafter(target, load_eagle(path, target))`, verified with
+    `drafter.target_model` (a FeatureModel with the layer's taps)."""
     parts = eagle_parts()
-    try:
-        Drafter = eagle_drafter_class(impl)
-    except AttributeError:
-        Drafter = None
-    if parts is None or Drafter is None:
+    module = getattr(impl, "eagle", None) if parts is not None else None
+    Drafter = getattr(module, "EagleDrafter", None)
+    if Drafter is None:
         raise DrafterError("--drafter eagle is not available in this install (Week 5 Day 3 "
-                           "provides it: the kit's load_eagle and the eagle module's Drafter); "
-                           "use --drafter medusa or layerskip")
+                           "provides it: the kit's load_eagle and eagle.EagleDrafter); use "
+                           "--drafter medusa or layerskip")
     load_eagle, default = parts
-    fm = feature_model(target)
+    path = options.eagle or default
     try:
-        loaded = load_eagle(options.eagle or default, target=fm.model)
-    except (FileNotFoundError, ValueError) as e:
-        raise DrafterError(f"--heads: {e}") from None
-    return _wrap(impl, Drafter(loaded, fm), fm, lookahead, "eagle")
+        layer = load_eagle(path, target=target, drafter_cls=getattr(module, "EagleLayer", None))
+    except FileNotFoundError as e:
+        raise DrafterError(f"--heads {path}: {e}" if options.eagle else str(e)) from None
+    except ValueError as e:
+        shipped = "" if options.eagle else " (the shipped drafter fits the embedded target)"
+        raise DrafterError(f"{e}{shipped}; pass --heads DIR with an EAGLE drafter trained for "
+                           "this target (scripts/train_eagle.py --out DIR)") from None
+    from specdec.kit.features import FeatureModel
+
+    # A bare target: the drafter wraps it in a FeatureModel with the layer's taps.
+    drafter = Drafter(target.model if isinstance(target, FeatureModel) else target, layer)
+    return _wrap(impl, drafter, drafter.target_model, lookahead, "eagle")
 
 
 DRAFTERS: dict[str, DrafterSpec] = {spec.name: spec for spec in (
