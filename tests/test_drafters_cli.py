@@ -28,6 +28,7 @@ from specdec.kit.models import tiny_llama
 from specdec.kit.self_drafters import MedusaDrafter
 from specdec.kit.stats import SpecStats
 from support import mlx_lm_greedy, raises
+from test_cli import test_bad_input_is_one_error_line_naming_the_value as one_error_line
 
 REF = get_impl("ref")
 TOY = ["--target", "toy-llama"]
@@ -240,13 +241,7 @@ def test_bad_drafter_flags_are_one_error_line_naming_the_value(flags, words, tmp
     if "HEADS16" in flags:
         save_heads(random_heads(hidden_size=16), tmp_path)
         flags = [str(tmp_path) if f == "HEADS16" else f for f in flags]
-    assert main(["generate", *TOY, "--max-tokens", "4", *flags]) == 2
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert lines and all(line.startswith("specdec: error: ") for line in lines), captured.err
-    assert "Traceback" not in captured.err + captured.out
-    for word in words:
-        assert word in captured.err, f"the error must name {word!r}: {captured.err}"
+    one_error_line(["generate", *TOY, "--max-tokens", "4", *flags], words, capsys)
 
 
 def test_eagle_runs_through_the_registry_when_the_course_has_it(target, tmp_path, capsys):
