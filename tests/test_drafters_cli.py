@@ -236,7 +236,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("flags, words", BAD, ids=lambda v: " ".join(v) if isinstance(v[0], str) and v[0].startswith("--") else "")
+@pytest.mark.parametrize("flags, words", BAD, ids=[" ".join(flags) for flags, _ in BAD])
 def test_bad_drafter_flags_are_one_error_line_naming_the_value(flags, words, tmp_path, capsys):
     if "HEADS16" in flags:
         save_heads(random_heads(hidden_size=16), tmp_path)
