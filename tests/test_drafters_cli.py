@@ -233,6 +233,7 @@ BAD = [
     (["--drafter", "layerskip", "--skip-layers", "auto:5"], ["auto:5", "1..1"]),
     (["--drafter", "layerskip", "--skip-layers", "x"], ["'x'", "auto:N"]),
     (["--drafter", "medusa", "--batch", "2"], ["--batch", "'medusa'"]),
+    (["--target", "tiny-code-draft", "--drafter", "medusa"], ["tiny-code-draft", "--heads DIR"]),
 ]
 
 

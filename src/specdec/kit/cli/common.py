@@ -426,8 +426,16 @@ def prepare_drafter(impl, models: Models, config, args: argparse.Namespace) -> l
     from specdec.kit.drafter_registry import choose_skip, load_medusa_heads
     from specdec.kit.features import hidden_size_of
 
+    from specdec.kit.loading import DEFAULT_TARGET
+
     heads, notes = getattr(args, "heads", None), []
     options = DrafterOptions(max_ngram=config.max_ngram, min_ngram=config.min_ngram)
+    if (config.drafter in ("medusa", "eagle") and heads is None
+            and models.target_name not in (DEFAULT_TARGET, TOY)):
+        script = "train_heads.py" if config.drafter == "medusa" else "train_eagle.py"
+        raise CLIError(f"--drafter {config.drafter} with --target {models.target_name}: the shipped "
+                       f"weights were trained for {DEFAULT_TARGET}; pass --heads DIR with weights "
+                       f"trained for this target (scripts/{script} --out DIR)")
     try:
         if config.drafter == "medusa":
             if heads is None and models.target_name == TOY:
