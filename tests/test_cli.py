@@ -85,7 +85,6 @@ def test_generate_runs_the_fallback_controller_by_default(capsys):
     (["--no-fallback"], "fallback off (--no-fallback)"),
     (["--adaptive", "goodput"], "fallback off (--adaptive goodput"),
     (["--drafter", "tree"], "fallback off (--drafter tree"),
-    (["--drafter", "ngram"], "fallback off (--drafter ngram"),
 ])
 def test_fallback_is_off_where_it_does_not_apply_and_the_header_says_why(flags, why, capsys):
     assert main(["generate", *TOY, "--max-tokens", "6", "--no-color", *flags]) == 0

@@ -11,6 +11,7 @@ trained heads that ship with the package, and only to check their shapes.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 
 import mlx.core as mx
@@ -368,6 +369,49 @@ def test_task_5_sampled_law_is_the_targets(impl, use_ref, target):
             f"(chi-square p = {pvalue:.1e}). Draw each draft from its head's q = make_probs(head "
             f"logits, T), then accept with verify_speculation against those same q; {BOOK}"
         )
+
+
+def test_task_5_every_round_draws_with_fresh_keys(impl, use_ref, target, monkeypatch):
+    """Key discipline, checked directly: every key handed to verify_speculation and to
+    sample_token in one run is a new one. A loop that reuses one key every round (never
+    advancing `key`) draws the same uniforms in every round, so its rounds are correlated even
+    though each token's marginal law looks right (the law test above cannot see it). No
+    randomness in the check itself: it cannot fail a correct loop."""
+    use_ref(*SAMPLED_FOUNDATIONS)
+    seen = []  # (function, round's key as a tuple of ints)
+
+    def spy(name, fn):
+        signature = inspect.signature(fn)
+
+        def wrapped(*args, **kwargs):
+            key = signature.bind(*args, **kwargs).arguments.get("key")
+            seen.append((name, None if key is None else tuple(np.array(key).reshape(-1).tolist())))
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    for name in ("verify_speculation", "sample_token"):
+        monkeypatch.setattr(impl.medusa, name, spy(name, getattr(impl.medusa, name)))
+    heads, stats = random_heads(impl, 3, scale=0.0), SpecStats()
+    out = [int(t) for t, _ in impl.medusa.medusa_sample_generate(
+        target, heads, PROMPTS[0], 24, mx.random.key(11), temperature=1.0, stats=stats)]
+    assert len(out) == 24, f"max_tokens=24 yields 24 tokens; got {len(out)}"
+    verifies = [key for name, key in seen if name == "verify_speculation"]
+    assert len(verifies) == stats.speculative_rounds >= 3, (
+        f"{len(verifies)} calls of verify_speculation for {stats.speculative_rounds} drafting "
+        f"rounds: each drafting round verifies once with verify_speculation(drafts, logits, q, "
+        f"temperature, key), called by that name from medusa.py; {BOOK}"
+    )
+    first_use = {}
+    for i, (name, key) in enumerate(seen):
+        assert key is not None, f"{name} was called without a key at temperature 1; {BOOK}"
+        assert key not in first_use, (
+            f"call {i + 1} ({name}) reuses the key of call {first_use[key][0] + 1} "
+            f"({first_use[key][1]}): every round needs keys of its own, or its draws repeat the "
+            f"earlier ones. Split the key every round: key, key_draft, key_verify = "
+            f"mx.random.split(key, 3), and keep the new `key` for the next round; {BOOK}"
+        )
+        first_use[key] = (i, name)
 
 
 def test_task_5_seeded_and_errors(impl, use_ref, target):

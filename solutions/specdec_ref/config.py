@@ -44,7 +44,8 @@ class SpeculativeConfig(ConfigFields):
     top_k            keep the k most probable tokens; 0 = off
     top_p            nucleus mass in (0, 1]; 1.0 = off
     max_tokens       tokens to generate per prompt (>= 1)
-    drafter          "model" (a draft model), "ngram" (prompt lookup), "tree" (token trees)
+    drafter          "model" (a draft model), "ngram" (prompt lookup), "tree" (token trees),
+                     "medusa", "eagle", "layerskip" (Week 5: kit/drafter_registry.py builds them)
     max_ngram        n-gram drafter: longest suffix to look up
     min_ngram        n-gram drafter: shortest suffix (1 <= min_ngram <= max_ngram)
     tree_branching   tree drafter: children per node on its first two levels (depth = lookahead)

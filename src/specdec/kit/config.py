@@ -18,7 +18,8 @@ from typing import Any, Optional
 from specdec.kit.errors import ConfigError
 
 POLICIES = ("threshold", "heuristic", "goodput")  # Week 3 Day 1
-DRAFTERS = ("model", "ngram", "tree")  # Week 2 Day 1, Week 3 Days 3 and 4
+# Week 2 Day 1, Week 3 Days 3 and 4, Week 5 Days 2-4 (kit/drafter_registry.py builds each one)
+DRAFTERS = ("model", "ngram", "tree", "medusa", "eagle", "layerskip")
 MAX_SEED = 2**64 - 1
 
 

@@ -17,8 +17,10 @@ tasks you have not implemented yet (one line on stderr names them). On Linux, `g
 CPU BLAS is far slower (see `specdec doctor`).
 
 Speculative runs use the fallback controller (Week 4 Day 3: K in 0..--k each round, 0 = a plain
-round) unless `--no-fallback`, `--adaptive` or `--drafter tree|ngram`; the first output line
-says which. `generate` and `bench` print the acceptance at each draft position (Week 4 Day 2).
+round) unless `--no-fallback`, `--adaptive` or `--drafter tree`; the first output line says
+which. `--drafter` picks who drafts: model (default), ngram, tree, medusa (--heads DIR), eagle,
+layerskip (--skip-layers); `kit/drafter_registry.py` builds each one, for the CLI and for your
+own scripts. `generate` and `bench` print the acceptance at each draft position (Week 4 Day 2).
 
 One module per command (`generate`, `bench`, `grade`, `doctor`), each with `add_parser(sub)`
 and `run(args)`; `common` holds what generate and bench share: flags, the SpeculativeConfig

@@ -13,8 +13,9 @@ from specdec.kit.cli.common import (Models, acceptance_by_position, add_decoding
                                     bench_prompts, blas_note, describe_mode,
                                     fallback_off_reason, format_positions,
                                     heldout_prompts,  # noqa: F401  (re-exported: kit.cli, notebooks)
-                                    load_models, make_controller, make_key, plain_stream,
-                                    rounds_of, prepare, run_batched, speculative_stream)
+                                    load_models, make_controller, make_key, needs_draft_model,
+                                    plain_stream, prepare, prepare_drafter, rounds_of,
+                                    run_batched, speculative_stream)
 from specdec.kit.timing import blas_info
 
 
@@ -129,7 +130,8 @@ def bench_row(impl, prompt_tokens: int, outputs: dict, seconds: dict, stats: dic
 
 def run(args: argparse.Namespace) -> int:
     impl, config = prepare(args)
-    models = load_models(args.target, args.draft, need_draft=config.drafter != "ngram")
+    models = load_models(args.target, args.draft, need_draft=needs_draft_model(config.drafter))
+    notes = prepare_drafter(impl, models, config, args)
     batch = args.batch or 0
     pool = bench_prompts(models.target_name, args.prompts * max(batch, 1))
     encoded = [(name, models.encode(text)) for name, text in pool]
@@ -149,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
               f"temperature {config.temperature}, {config.max_tokens} tokens per prompt, "
               f"EOS {'honoured' if args.eos else 'ignored'}")
         print(f"# {blas_note()}")
+        for note in notes:
+            print(note)
         print(f"# modes: {', '.join(modes)}; speedup = tokens/s over plain's, same prompt; "
               "accept/alpha/tok/call of the speculative mode")
         print("# warm-up run ...", flush=True)
@@ -176,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "target": models.target_name,
         "draft": models.draft_name,
+        "drafter": {"name": config.drafter, "notes": [n.lstrip("# ") for n in notes]},
         "impl": impl.name,
         "config": config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config),
         "modes": modes,

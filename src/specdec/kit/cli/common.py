@@ -17,9 +17,11 @@ import os
 import re
 import sys
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
+
+from specdec.kit.drafter_registry import DRAFTER_NAMES, DRAFTERS, DrafterError, DrafterOptions
 
 TOY = "toy-llama"
 GREEN, RESET = "\x1b[32m", "\x1b[0m"
@@ -159,9 +161,23 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
                         "selects the coupled rule (Week 5 Day 1): the same text for any K, drafter or batch")
     p.add_argument("--adaptive", choices=["threshold", "heuristic", "goodput"], default=None,
                    help="adapt K between rounds with this policy (Week 3 Day 1)")
-    p.add_argument("--drafter", choices=["model", "ngram", "tree"], default="model",
+    p.add_argument("--drafter", choices=list(DRAFTER_NAMES), default="model",
                    help="model: the draft model (default); ngram: prompt lookup (Week 3 Day 3); "
-                        "tree: token trees (Week 3 Day 4; greedy, or sampled with --seed: Week 5 Day 1)")
+                        "tree: token trees (Week 3 Day 4; greedy, or sampled with --seed: Week 5 "
+                        "Day 1); medusa: Medusa heads on the target's hidden state (Week 5 Day 2; "
+                        "--heads); eagle: the EAGLE drafter (Week 5 Day 3; --heads); layerskip: "
+                        "the target with layers skipped (Week 5 Day 4; --skip-layers). All but "
+                        "model and tree need no draft model")
+    p.add_argument("--heads", default=None, metavar="DIR",
+                   help="--drafter medusa|eagle: the trained weights (a directory written by "
+                        "scripts/train_heads.py for Medusa); default: the ones shipped for the "
+                        "embedded target (toy-llama: untrained Medusa heads, each a copy of the "
+                        "LM head); they must match the target's hidden size")
+    p.add_argument("--skip-layers", default="auto", metavar="SPEC",
+                   help="--drafter layerskip: the layers to skip, e.g. 4 or 3,4; auto (default) "
+                        "skips a quarter of the layers (at least one), auto:N skips N, chosen by "
+                        "the measured greedy agreement of Week 5 Day 4's choose_layers_to_skip on "
+                        "the built-in prompts")
     p.add_argument("--batch", type=int, default=None, metavar="N",
                    help="batched speculative decoding over N prompts (Week 3 Day 2)")
     p.add_argument("--no-fallback", action="store_true",
@@ -185,8 +201,8 @@ def fallback_off_reason(args: argparse.Namespace) -> Optional[str]:
         return "--no-fallback"
     if args.adaptive:
         return f"--adaptive {args.adaptive} chooses K itself"
-    if args.drafter != "model":
-        return f"--drafter {args.drafter}: the controller drives the model drafter only"
+    if args.drafter == "tree":
+        return "--drafter tree: token trees run a loop of their own, with a fixed depth"
     return None
 
 
@@ -275,10 +291,17 @@ def cli_problems(args: argparse.Namespace) -> list[str]:
 def combination_problems(args: argparse.Namespace) -> list[str]:
     """Flags that do not go together and are not settings of SpeculativeConfig (it checks those:
     trees are greedy and fixed-depth, a batch runs the model drafter with a fixed K)."""
+    problems = []
     if args.batch and getattr(args, "plain", False):
-        return ["--batch with --plain: use `specdec bench --batch N` to compare plain and "
-                "speculative batched decoding"]
-    return []
+        problems.append("--batch with --plain: use `specdec bench --batch N` to compare plain and "
+                        "speculative batched decoding")
+    if getattr(args, "heads", None) is not None and args.drafter not in ("medusa", "eagle"):
+        problems.append(f"--heads {args.heads} with --drafter {args.drafter}: trained weights are "
+                        "for --drafter medusa or eagle")
+    if getattr(args, "skip_layers", "auto") != "auto" and args.drafter != "layerskip":
+        problems.append(f"--skip-layers {args.skip_layers} with --drafter {args.drafter}: layers "
+                        "are skipped by --drafter layerskip")
+    return problems
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -313,6 +336,8 @@ class Models:
     tokenizer: Any  # mlx-lm TokenizerWrapper, or None for toy-llama
     target_name: str
     draft_name: Optional[str]
+    # What `prepare_drafter` settled once per run: loaded heads, the layers to skip.
+    drafter_options: DrafterOptions = DrafterOptions()
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:  # toy-llama: one token per byte, folded into its vocabulary
@@ -384,6 +409,79 @@ def load_models(target: Optional[str], draft: Optional[str], need_draft: bool = 
     return Models(target_model, draft_model, tokenizer, target, draft)
 
 
+def needs_draft_model(drafter: str) -> bool:
+    """Whether `--drafter NAME` drafts with a draft model (model, tree) or needs none."""
+    return DRAFTERS[drafter].needs_draft_model
+
+
+def calibration_tokens(models: Models, limit: int = 128) -> list[int]:
+    """Short text to measure a drafter on before the run: the built-in prompts, encoded."""
+    return models.encode("\n\n\n".join(BUILTIN_PROMPTS))[:limit]
+
+
+def prepare_drafter(impl, models: Models, config, args: argparse.Namespace) -> list[str]:
+    """Settle the drafter's options once for the run, into `models.drafter_options`: load the
+    Medusa heads (--heads, the shipped ones, or for toy-llama untrained ones), choose the layers
+    to skip (--skip-layers). Returns '# ...' lines saying what was chosen; CLIError on problems."""
+    from specdec.kit.drafter_registry import choose_skip, load_medusa_heads
+    from specdec.kit.features import hidden_size_of
+
+    from specdec.kit.loading import DEFAULT_TARGET
+
+    heads, notes = getattr(args, "heads", None), []
+    options = DrafterOptions(max_ngram=config.max_ngram, min_ngram=config.min_ngram)
+    if (config.drafter in ("medusa", "eagle") and heads is None
+            and models.target_name not in (DEFAULT_TARGET, TOY)):
+        script = "train_heads.py" if config.drafter == "medusa" else "train_eagle.py"
+        raise CLIError(f"--drafter {config.drafter} with --target {models.target_name}: the shipped "
+                       f"weights were trained for {DEFAULT_TARGET}; pass --heads DIR with weights "
+                       f"trained for this target (scripts/{script} --out DIR)")
+    try:
+        if config.drafter == "medusa":
+            if heads is None and models.target_name == TOY:
+                Heads = feature(impl, "medusa", "MedusaHeads", "--drafter medusa")
+                loaded = Heads(hidden_size_of(models.target), 3)  # zero init: LM-head copies
+                where = "untrained (toy-llama: each head a copy of the LM head)"
+            else:
+                from specdec.kit.features import MEDUSA_HEADS
+
+                loaded = load_medusa_heads(impl, models.target, heads)
+                where = f"from {heads or MEDUSA_HEADS}"
+            options = replace(options, heads=loaded)
+            notes.append(f"# medusa: {loaded.num_heads} heads {where}; a round drafts "
+                         f"min(K, {loaded.num_heads}) tokens")
+        elif config.drafter == "eagle":
+            options = replace(options, eagle=heads)
+        elif config.drafter == "layerskip":
+            from specdec.kit.layers import decoder_parts
+
+            skip = choose_skip(impl, models.target, args.skip_layers, calibration_tokens(models))
+            num_layers = len(decoder_parts(models.target).layers)
+            how = (f"--skip-layers {args.skip_layers}: chosen by greedy agreement on the built-in "
+                   "prompts" if str(args.skip_layers).startswith("auto") else "--skip-layers")
+            notes.append(f"# layerskip: skipping layers {list(skip)} of {num_layers} ({how})")
+            options = replace(options, skip_layers=tuple(skip))
+    except DrafterError as e:
+        raise CLIError(str(e)) from None
+    models.drafter_options = options
+    if config.drafter != "tree":
+        make_decoder(impl, models, config)  # a drafter that cannot be built says so before the run
+    return notes
+
+
+def make_decoder(impl, models: Models, config):
+    """A fresh decoder for `config.drafter` (not tree) and `config.lookahead`, through the
+    registry (kit/drafter_registry.py), with the options `prepare_drafter` settled."""
+    from specdec.kit.drafter_registry import build_decoder
+
+    options = replace(models.drafter_options, max_ngram=config.max_ngram, min_ngram=config.min_ngram)
+    try:
+        return build_decoder(impl, config.drafter, models.target, models.draft,
+                             lookahead=config.lookahead, options=options)
+    except DrafterError as e:
+        raise CLIError(str(e)) from None
+
+
 def pick_impl(name: str):
     """The implementation to run; for "student", the reference stands in for unfinished tasks
     (`get_impl(..., fallback=True)` says which, in one line on stderr)."""
@@ -433,13 +531,7 @@ def speculative_stream(impl, models: Models, prompt, config, stats, key, eos,
         return tree_generate(models.draft, models.target, prompt, config.max_tokens,
                              eos_token_ids=eos, stats=stats, branching=config.tree_branching,
                              depth=config.lookahead)
-    if config.drafter == "ngram":
-        Decoder = feature(impl, "drafters", "DrafterDecoder", "--drafter ngram")
-        Ngram = feature(impl, "drafters", "NgramDrafter", "--drafter ngram")
-        decoder = Decoder(Ngram(max_ngram=config.max_ngram, min_ngram=config.min_ngram), models.target,
-                          lookahead=config.lookahead)
-    else:
-        decoder = impl.draft.SpeculativeDecoder(models.draft, models.target, lookahead=config.lookahead)
+    decoder = make_decoder(impl, models, config)
     if controller is not None:
         fallback_generate = feature(impl, "fallback", "fallback_generate", "the fallback controller")
         return fallback_generate(decoder, controller, prompt, config.max_tokens,

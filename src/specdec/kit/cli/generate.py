@@ -12,8 +12,9 @@ import time
 from specdec.kit.cli.common import (BUILTIN_PROMPTS, DEFAULT_PROMPT, GREEN, RESET, Models,
                                     acceptance_by_position, add_decoding_flags, blas_note,
                                     CLIError, describe_mode, fallback_off_reason, feature,
-                                    format_positions, load_models, make_controller, make_key,
-                                    plain_stream, prepare, run_batched, speculative_stream)
+                                    format_positions, load_models, make_controller, make_decoder,
+                                    make_key, needs_draft_model, plain_stream, prepare,
+                                    prepare_drafter, run_batched, speculative_stream)
 
 
 def add_parser(sub) -> None:
@@ -95,13 +96,16 @@ def run(args: argparse.Namespace) -> int:
         raise
     finally:
         args.temperature = temperature
-    need_draft = not args.plain and config.drafter != "ngram"
+    need_draft = not args.plain and needs_draft_model(config.drafter)
     models = load_models(args.target, args.draft, need_draft)
+    notes = [] if args.plain else prepare_drafter(impl, models, config, args)
     key = make_key(config)
     color = not args.no_color and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     mode = "plain" if args.plain else describe_mode(config, fallback_off_reason(args))
     print(f"# target {models.target_name}, draft {models.draft_name or '-'}, impl {impl.name}, "
           f"{mode}, temperature {temperature}")
+    for note in notes:
+        print(note)
     if coupled:
         print(f"# sampling rule: coupled (Gumbel noise keyed by seed {config.seed} and position): the "
               "same text for any --k, --drafter, --batch, fallback or --no-fallback, and --plain")
@@ -200,12 +204,7 @@ def coupled_stream(impl, models: Models, prompt, config, stats, controller, plai
             models.draft, models.target, prompt, config.max_tokens, config.seed, temperature,
             config.top_k, config.top_p, eos_token_ids=eos, widths=widths, stats=stats,
             package=impl.package)
-    if config.drafter == "ngram":
-        decoder = impl.drafters.DrafterDecoder(
-            impl.drafters.NgramDrafter(max_ngram=config.max_ngram, min_ngram=config.min_ngram),
-            models.target, lookahead=config.lookahead)
-    else:
-        decoder = impl.draft.SpeculativeDecoder(models.draft, models.target, lookahead=config.lookahead)
+    decoder = make_decoder(impl, models, config)  # any drafter of kit/drafter_registry.py
     # A draft that raises mid-run costs speed, not text: the rest is plain seeded decoding.
     return coupled_generate_surviving_faults(decoder, prompt, config.max_tokens, config.seed,
                                              temperature, eos_token_ids=eos,

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Optional
 
+from specdec.kit.drafter_registry import DRAFTER_NAMES
+
 TOY = "toy-llama"
 API_KEY_ENV = "SPECDEC_API_KEY"
+SERVED_DRAFTERS = ("model", "layerskip")  # drafters with a model the batched scheduler can call
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -38,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "unfinished tasks)")
     p.add_argument("--k", type=int, default=4, help="lookahead K (the largest K with fallback; default 4)")
     p.add_argument("--plain", action="store_true", help="plain batched decoding (no draft model, K = 0)")
+    p.add_argument("--drafter", choices=list(DRAFTER_NAMES), default="model",
+                   help="model: the draft model (default); layerskip: the target with layers "
+                        "skipped (Week 5 Day 4), a draft model that needs no weights (--skip-layers). "
+                        "The scheduler drafts for all rows in one batched model call, so the "
+                        "drafters without a model of their own (ngram, tree, medusa, eagle) are "
+                        "refused: `specdec generate|bench --drafter NAME` runs them")
+    p.add_argument("--skip-layers", default="auto", metavar="SPEC",
+                   help="--drafter layerskip: layers to skip, e.g. 4 or 3,4; auto (default) skips "
+                        "a quarter (at least one), auto:N skips N, chosen by measured agreement")
     p.add_argument("--no-fallback", action="store_true",
                    help="fixed K every round (default: the Week 4 Day 3 fallback controller picks K); "
                         "a request with a seed gives the same text either way (the coupled rule)")
@@ -107,6 +120,14 @@ def check_args(args) -> list[str]:
     for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
         if not value > 0:
             problems.append(f"{flag} {value}: must be > 0 seconds")
+    if args.drafter not in SERVED_DRAFTERS and not args.plain:
+        problems.append(f"--drafter {args.drafter}: the server drafts for every row in one batched "
+                        f"call of a draft model, which {args.drafter} does not have; serve with "
+                        "--drafter model or --drafter layerskip, or run `specdec generate|bench "
+                        f"--drafter {args.drafter}` for single streams")
+    if args.skip_layers != "auto" and args.drafter != "layerskip":
+        problems.append(f"--skip-layers {args.skip_layers} with --drafter {args.drafter}: layers are "
+                        "skipped by --drafter layerskip")
     if args.api_key is not None and not args.api_key.strip():
         problems.append("--api-key is empty: give a key, or leave the flag out")
     return problems
@@ -127,7 +148,7 @@ def load(args):
     if args.target == TOY:
         draft, target = tiny_llama_pair(seed=0)
         codec = TextCodec(CharTokenizer(model_vocab_size(target), template))
-    elif args.plain:
+    elif args.plain or args.drafter != "model":  # no draft model to load
         target, tokenizer = load_model(args.target)
         draft, codec = None, TextCodec(tokenizer, template)
     else:
@@ -228,6 +249,24 @@ def raise_file_limit() -> None:
         pass
 
 
+def layerskip_draft(impl, target, skip_layers: str, codec):
+    """(LayerSkipModel of the target, a line saying which layers it skips): Week 5 Day 4's
+    skipped target is a draft model, so the batched scheduler drafts with it as with any other.
+    ValueError (a DrafterError) for a bad --skip-layers."""
+    from specdec.kit.cli.common import BUILTIN_PROMPTS
+    from specdec.kit.drafter_registry import choose_skip
+
+    text = "\n\n\n".join(BUILTIN_PROMPTS)
+    try:
+        calibration = codec.encode(text)[:128]
+    except ValueError:  # a small vocabulary (toy-llama's): calibrate on the characters it has
+        calibration = codec.encode(re.sub(r"[^A-Za-z0-9 .,:\n]", " ", text))[:128]
+    skip = choose_skip(impl, target, skip_layers, calibration)
+    model = impl.layerskip.LayerSkipModel(target, skip)
+    return model, (f"drafter layerskip: skipping layers {list(model.skip)} of "
+                   f"{len(model.skip) + len(model.kept)} (--skip-layers {skip_layers})")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.api_key is None:
@@ -259,6 +298,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"specdec serve: error: {e}", file=sys.stderr)
         return 2
+    if args.drafter == "layerskip" and not args.plain:
+        try:
+            draft, note = layerskip_draft(impl, target, args.skip_layers, codec)
+        except ValueError as e:
+            print(f"specdec serve: error: {e}", file=sys.stderr)
+            return 2
+        print(f"specdec serve: {note}", file=sys.stderr, flush=True)
     name = args.served_model_name or args.target
     lookahead = 0 if args.plain else args.k
 
@@ -276,7 +322,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     app = build_app(engine, validator, metrics, name, impl.serving.Request, security, args.body_timeout)
     raise_file_limit()
     engine.start()
-    mode = "plain" if args.plain else f"K = {args.k}" + ("" if args.no_fallback or draft is None else " with fallback")
+    mode = "plain" if args.plain else f"K = {args.k}, drafter {args.drafter}" + ("" if args.no_fallback or draft is None else " with fallback")
     access = "API key required" if args.api_key else "no API key"
     print(f"specdec serve: {name} ({mode}, max batch {args.max_batch}, context {context}, "
           f"{impl.package}, {access}) on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
