@@ -213,3 +213,21 @@ def test_task_4_rejects_unpaired_or_empty_runs(impl):
             "different numbers of prompts cannot be paired (name the lengths)", "2", "3")
     refuses(lambda: f([], [], []), "no prompts at all", "0")
     refuses(lambda: f([1.0, 0.0], [1.0, 1.0], [1.0, 1.0]), "a run with 0 tokens/s", "0")
+
+
+# The suite's drafters section (kit: reporting only, no decoding) ----------------------------------
+def test_suite_drafters_table_and_plot(tmp_path):
+    from specdec.kit import suite
+
+    rows = [{"label": f"drafter {name}", "K": 3, "tokens_per_s": 30.0, "plain_tokens_per_s": 25.0,
+             "speedup": s, "speedup_per_prompt": [s - 0.1, s, s + 0.1], "accepted_per_round": 1.5,
+             "tokens_per_call": 2.5, "accept_at_position": curve, "identical": True}
+            for name, s, curve in [("model", 1.2, [0.8, 0.7, 0.7]), ("tree", 1.1, None),
+                                   ("medusa", 0.9, [0.4, 0.3, 0.2])]]
+    markdown = "\n".join(suite._drafter_table(rows))
+    assert "0.80 0.70 0.70" in markdown and "1.10-1.30" in markdown, (
+        "the drafters table shows each drafter's acceptance by position and its per-prompt range")
+    assert "| 2.50 | tree |" in markdown, "a tree row says 'tree' instead of a chain's acceptance by position"
+    paths = suite.write_plots({"settings": {"quick": True}, "results": {"drafters": rows}}, tmp_path)
+    assert tmp_path / "drafters.png" in paths, "a drafters section draws drafters.png"
+    assert (tmp_path / "drafters.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
