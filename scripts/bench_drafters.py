@@ -3,7 +3,7 @@
 
     export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 OPENBLAS_NUM_THREADS=1
     export PYTHONPATH=$PWD/src:$PWD/solutions
-    nice -n 10 python -u scripts/bench_drafters.py --out src/specdec/kit/assets/bakeoff.json
+    nice -n 10 python -u scripts/bench_drafters.py --out src/specdec/kit/assets/bakeoff/bakeoff.json
     nice -n 10 python -u scripts/bench_drafters.py --quick --out /tmp/bakeoff.json   # pipeline check
 
 Drafters: the draft model (Week 2), n-gram (Week 3 Day 3), token tree (Week 3 Day 4), Medusa
@@ -197,6 +197,9 @@ def main() -> None:
         a.prompts, a.tune, a.max_tokens, a.repeats, a.max_k, a.steps = 2, 1, 16, 1, 3, 2
     started = time.time()
     log = lambda msg: print(f"[{time.time() - started:6.0f}s] {msg}", flush=True)  # noqa: E731
+    quick_note = "--quick: a pipeline check (2 prompts x 16 tokens), not for conclusions"
+    if a.quick:
+        log(quick_note)
     target, tok = load_model("tiny-code", dtype=mx.float32)
     draft, _ = load_model("tiny-code-draft", dtype=mx.float32)
     heads = load_heads(MEDUSA_HEADS, REF.medusa.MedusaHeads, target)
@@ -213,7 +216,8 @@ def main() -> None:
               "settings": vars(a) | {"out": str(a.out)}, "environment": blas_info() | {
                   "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
                   "load_average_start": os.getloadavg()[0], "cpu_count": os.cpu_count()},
-              "device_assumptions": DEVICE_ASSUMPTIONS, "eagle": eagle_note or "included"}
+              "device_assumptions": DEVICE_ASSUMPTIONS, "eagle": eagle_note or "included",
+              "note": quick_note if a.quick else "timings from a shared machine: see load_average_*"}
 
     # 1. Tuning: the layer to skip, then every chain drafter's curve at K = max_k.
     select = mx.array(sum(tune_prompts, [])[:1024], dtype=mx.int32)
