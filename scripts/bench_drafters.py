@@ -7,7 +7,7 @@
     nice -n 10 python -u scripts/bench_drafters.py --quick --out /tmp/bakeoff.json   # pipeline check
 
 Drafters: the draft model (Week 2), n-gram (Week 3 Day 3), token tree (Week 3 Day 4), Medusa
-heads (Week 5 Day 2), EAGLE (Week 5 Day 3, when `eagle_drafter` below finds it), layer skipping
+heads (Week 5 Day 2), EAGLE (Week 5 Day 3, when `specdec.kit.suite.find_eagle` finds it), layer skipping
 (Week 5 Day 4). What it does, in order (the reference `specdec_ref`, embedded target, float32):
 
 1. Tuning, on held-out prompts that are NOT timed later (`--tune` files after the timed ones):
