@@ -53,6 +53,7 @@ EXERCISE_MODULES = [
     "coupling",
     "medusa",
     "layerskip",
+    "bakeoff",
 ]
 
 _STUB_TAG = re.compile(r"^(Week \d+ Day \d+ Task \d+): ")

@@ -7,7 +7,9 @@ prediction at the measured alpha, c and v(K) next to each fixed-K speed-up. Sect
     k_sweep       fixed K = 1..8, temperature 0: measured vs predicted speed-up
     adaptive      Week 3 Day 1 policies (threshold, heuristic, goodput)
     fallback      the Week 4 Day 3 controller (K may drop to 0 = plain decoding)
-    drafters      model, n-gram (no draft model) and token-tree drafting
+    drafters      every drafter at the same K: model, n-gram, token tree, and Week 5's Medusa
+                  heads (embedded target), layer skipping and EAGLE (when importable); with
+                  tokens per call, accepted per round and acceptance per draft position
     temperature   fixed K at temperature 0 and 1 (speed-up over plain at the same temperature)
     batch         batched speculative vs batched plain decoding, batch sizes 1/2/4/8
     long_prompts  prompts of 256 / 1024 / 2048 tokens
@@ -16,7 +18,8 @@ prediction at the measured alpha, c and v(K) next to each fixed-K speed-up. Sect
                   same process, interleaved: tokens/s, identical greedy outputs, and acceptance at
                   temperature 1 (exact rejection sampling vs mlx-lm's sample-and-match)
 
-Writes suite.json (everything), suite.md (the tables) and PNG plots into --out. The measurement
+Writes suite.json (everything), suite.md (the tables) and PNG plots into --out (drafters.png:
+every drafter's speed-up with its per-prompt points, and its acceptance per draft position). The measurement
 core (timing, costs, theory, sample-and-match acceptance) is the student's `specdec.benchmark`
 with --impl student (the reference stands in for unfinished tasks); reporting and plotting are kit.
 
@@ -150,12 +153,16 @@ class _Runner:
         return self.plain[temperature, tag]
 
     # One measured row -------------------------------------------------------------------------
-    def spec_row(self, label: str, config, prompts=None, max_tokens=None, tag="main", K=None) -> dict:
+    def spec_row(self, label: str, config, prompts=None, max_tokens=None, tag="main", K=None,
+                 make_decoder: Optional[Callable] = None) -> dict:
+        """One timed setting against plain decoding. make_decoder(runs) -> decode, for a loop
+        the config cannot describe (Week 5's drafters); default `spec_decoder(config, runs)`."""
         prompts = self.prompts if prompts is None else prompts
         max_tokens = self.s.max_tokens if max_tokens is None else max_tokens
         plain = self.plain_baseline(config.temperature, prompts, max_tokens, tag)
         runs: list = []
-        spec = self.time(self.spec_decoder(config, runs), prompts, max_tokens)
+        decode = make_decoder(runs) if make_decoder else self.spec_decoder(config, runs)
+        spec = self.time(decode, prompts, max_tokens)
         runs = runs[-len(prompts):]  # the timed calls only (warm-up calls come first)
         ratios = [s / p for s, p in zip(spec["per_prompt"], plain["per_prompt"])]
         row = {"label": label, "K": K, "temperature": config.temperature,
@@ -190,8 +197,9 @@ class _Runner:
                 f"fallback (K in 0..{s.lookahead})", self.config(fallback=True)))
         if "drafters" in s.sections:
             for drafter in ("model", "ngram", "tree"):
-                add("drafters", drafter, lambda d=drafter: self.spec_row(
-                    f"drafter {d}", self.config(drafter=d), K=s.lookahead if d == "model" else None))
+                add("drafters", drafter, lambda d=drafter: self.drafter_row(d))
+            for drafter in self.week5_drafters():
+                add("drafters", drafter, lambda d=drafter: self.drafter_row(d))
         if "temperature" in s.sections:
             for t in s.temperatures:
                 add("temperature", f"t={t}", lambda t=t: self.spec_row(
@@ -214,6 +222,85 @@ class _Runner:
                                               repeats=self.s.cost_repeats)
         return {"label": "costs", "c": self.costs["c"], "v": self.costs["v"],
                 "target_step_s": self.costs["target_step_s"], "draft_step_s": self.costs["draft_step_s"]}
+
+    # The drafters section ----------------------------------------------------------------------
+    def week5_drafters(self) -> list[str]:
+        """Week 5's drafters that fit this target: layer skipping (any llama with 2+ layers),
+        Medusa (heads trained for the embedded target only), EAGLE (when it can be loaded)."""
+        from specdec.kit.layers import decoder_parts
+
+        names = []
+        if len(decoder_parts(self.models.target).layers) >= 2:
+            names.append("layerskip")
+        if self.models.target_name == "tiny-code":
+            names.append("medusa")
+        if find_eagle(self.models.target)[0] is not None:
+            names.append("eagle")
+        return names
+
+    def drafter_row(self, name: str) -> dict:
+        """One drafter at K = lookahead (the tree: depth), greedy, with its acceptance curve."""
+        from specdec.kit.cli.common import acceptance_by_position, rounds_of
+        from specdec.kit.stats import SpecStats
+
+        K, mx, target = self.s.lookahead, self.mx, self.models.target
+        make_decoder, label = None, f"drafter {name}"
+        if name in ("layerskip", "eagle", "medusa"):
+            if name == "layerskip":
+                skip = self.layer_to_skip()
+                make = lambda: self.impl.layerskip.LayerSkipDrafter(target, skip)  # noqa: E731
+                label = f"drafter layerskip {list(skip)}"
+            elif name == "eagle":
+                eagle = find_eagle(target)[0]
+                make = lambda: eagle  # noqa: E731 - DrafterDecoder resets it for every prompt
+            if name == "medusa":
+                from specdec.kit.features import MEDUSA_HEADS, load_heads
+
+                heads = load_heads(MEDUSA_HEADS, self.impl.medusa.MedusaHeads, target)
+                K = min(K, heads.num_heads)
+
+            def make_decoder(runs, name=name):
+                def decode(prompt, max_tokens):
+                    stats = SpecStats()
+                    if name == "medusa":
+                        stream = self.impl.medusa.medusa_generate(target, heads, prompt, max_tokens,
+                                                                  stats=stats, widths=(1,) * K)
+                    else:
+                        decoder = self.impl.drafters.DrafterDecoder(make(), target, lookahead=K)
+                        stream = self.impl.speculative.speculative_generate(
+                            decoder, mx.array(prompt, dtype=mx.int32), max_tokens, stats=stats)
+                    tokens = [int(t) for t, _ in stream]
+                    runs.append(stats)
+                    return tokens
+                return decode
+            config = self.config()
+        else:
+            config = self.config(drafter=name)
+        captured: list = []
+
+        def capture(runs):  # keep the timed runs' SpecStats for the acceptance curve
+            captured.append(runs)
+            return make_decoder(runs) if make_decoder else self.spec_decoder(config, runs)
+
+        row = self.spec_row(label, config, K=K if name == "model" else None, make_decoder=capture)
+        timed = captured[0][-len(self.prompts):]
+        row["drafter"], row["K"] = name, K
+        row["accept_at_position"] = (None if name == "tree" else
+                                     acceptance_by_position(self.ref, rounds_of(timed)))
+        return row
+
+    def layer_to_skip(self) -> tuple:
+        """The one layer whose skip keeps greedy agreement highest (Week 5 Day 4), chosen on
+        held-out text that no timed prompt comes from."""
+        from specdec.kit.cli.common import heldout_prompts
+
+        if not hasattr(self, "_skip"):
+            timed = set(self.prompt_names)
+            spare = [t for n, t in heldout_prompts(self.models.target_name, len(timed) + 4) if n not in timed]
+            ids = sum((self.models.encode(t) for t in spare), [])[:512] or self.pool[-1]
+            (self._skip, _), = self.ref.layerskip.choose_layers_to_skip(
+                self.models.target, self.mx.array(ids, dtype=self.mx.int32), 1)
+        return self._skip
 
     def batch_row(self, B: int) -> dict:
         """B prompts decoded together; tokens/s counts all B rows."""
@@ -354,6 +441,22 @@ def _timed(fn: Callable, prompt, max_tokens: int) -> tuple[list, float]:
     return out, time.perf_counter() - start
 
 
+def find_eagle(target) -> tuple[Any, Optional[str]]:
+    """(an EAGLE `Drafter` for `target`, None), or (None, why not). Week 5 Day 3's loader is
+    looked up by the names the course plan gives it (`load_eagle` in `specdec.kit.eagle` or
+    `specdec.kit.features`); until that day ships, the drafters section runs without EAGLE."""
+    for module, name in (("specdec.kit.eagle", "load_eagle"), ("specdec.kit.features", "load_eagle")):
+        try:
+            loader = getattr(__import__(module, fromlist=[name]), name)
+        except (ImportError, AttributeError):
+            continue
+        try:
+            return loader(target), None
+        except Exception as e:  # noqa: BLE001 - no EAGLE for this target: say why, run the rest
+            return None, f"{module}.{name}: {e}"
+    return None, "EAGLE (Week 5 Day 3) is not in this tree yet"
+
+
 def pooled(runs: list) -> dict:
     """alpha, acceptance and tokens per target call over several runs' SpecStats, pooled."""
     accepted = sum(r.accepted for r in runs)
@@ -434,6 +537,24 @@ def _spec_rows(rows: list[dict]) -> list[list[str]]:
              _f(r.get("tokens_per_call"), ".2f"), _f(r.get("identical"))] for r in rows]
 
 
+def _drafter_table(rows: list[dict]) -> list[str]:
+    """Every drafter at the same K: speed-up with its per-prompt range, and acceptance by position."""
+    def positions(r):
+        rates = r.get("accept_at_position")
+        return "tree" if rates is None else " ".join(f"{x:.2f}" for x in rates[:6]) or "none"
+    return ["## Drafters (temperature 0, the same K)", "", *_table(
+        ["drafter", "K", "tok/s", "plain tok/s", "speed-up", "per-prompt range", "accepted/round",
+         "tok/call", "acceptance by position (0 = first draft)", "identical (t=0)"],
+        [[r["label"], str(r.get("K")), _f(r["tokens_per_s"], ".1f"), _f(r["plain_tokens_per_s"], ".1f"),
+          _f(r["speedup"], ".2f", "x"),
+          f"{min(r['speedup_per_prompt']):.2f}-{max(r['speedup_per_prompt']):.2f}",
+          _f(r.get("accepted_per_round"), ".2f"), _f(r.get("tokens_per_call"), ".2f"), positions(r),
+          _f(r.get("identical"))] for r in rows]),
+        "A tree's rounds verify several branches, so its acceptance by position is not a chain's: "
+        "read its tokens per call. `scripts/bench_drafters.py` runs the full bake-off (each "
+        "drafter at its own best K, sampled, batch 8, the fallback controller).", ""]
+
+
 def markdown_report(report: dict) -> str:
     """The tables of suite.md."""
     s, env, res = report["settings"], report["environment"], report["results"]
@@ -458,7 +579,9 @@ def markdown_report(report: dict) -> str:
               "fallback": "Fallback controller", "drafters": "Drafters",
               "temperature": "Temperature", "long_prompts": "Long prompts"}
     for section, title in titles.items():
-        if section in res:
+        if section == "drafters" and section in res:
+            lines += _drafter_table(res[section])
+        elif section in res:
             lines += [f"## {title}", "", *_table(SPEC_HEADER, _spec_rows(res[section]))]
     if "batch" in res:
         lines += ["## Batch sizes (tokens/s over all rows)", "", *_table(
@@ -549,6 +672,29 @@ def write_plots(report: dict, out: Path) -> list[Path]:
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.09 - 1.2 / fig.get_figheight() / 4),
                   ncol=3, frameon=False)
         save(fig, "settings.png")
+
+    if "drafters" in res:
+        rows = res["drafters"]
+        fig, (ax, pos_ax) = plt.subplots(1, 2, figsize=(10, 0.3 * len(rows) + 2.6),
+                                         gridspec_kw={"width_ratios": [1.1, 1]})
+        ys = list(range(len(rows)))
+        ax.barh(ys, [r["speedup"] for r in rows], color="C0", alpha=0.7, label="median over prompts")
+        per_prompt(ax, ys, rows, "speedup_per_prompt", "black", "per prompt", horizontal=True)
+        ax.set_yticks(ys, [r["label"].removeprefix("drafter ") for r in rows])
+        ax.axvline(1.0, color="gray", lw=0.8, ls="--", label="1.0 = plain decoding")
+        ax.invert_yaxis()
+        ax.set(xlabel="speed-up over plain (tokens/s ratio)", title="Drafters, same K, T = 0" + quick)
+        ax.legend(fontsize=7, loc="lower right")
+        for i, r in enumerate(rows):
+            rates = r.get("accept_at_position")
+            if rates:
+                pos_ax.plot(range(len(rates)), rates, "o-", color=f"C{i}", label=ax.get_yticklabels()[i].get_text())
+        pos_ax.set_xticks(range(max([len(r.get("accept_at_position") or []) for r in rows] + [1])))
+        pos_ax.set(xlabel="draft position (0 = first draft)", ylabel="P(accepted | reached)",
+                   ylim=(0, 1.05), title="Acceptance by position" + quick)
+        if pos_ax.lines:
+            pos_ax.legend(fontsize=7)
+        save(fig, "drafters.png")
 
     def plain_vs_speculative(section: str, x_key: str, title: str, **axes):
         rows = res[section]

@@ -138,6 +138,10 @@ TASKS: tuple = tuple(
              ("LayerSkipModel", "LayerSkipModel.__init__", "LayerSkipModel.__call__"),
              "greedy_agreement", "choose_layers_to_skip",
              ("LayerSkipDrafter", "shareable_layers", "LayerSkipDrafter.__init__"))
+    + _tasks(5, 5, "bakeoff", "week5-05-bakeoff",
+             "expected_tokens_from_curve",
+             ("predicted_speedup, best_lookahead", "predicted_speedup", "best_lookahead"),
+             "break_even_draft_cost", "paired_comparison")
 )
 
 _BY_KEY = {t.key: t for t in TASKS}
