@@ -85,11 +85,29 @@ def run_cli(capsys, *argv: str) -> str:
     return captured.out
 
 
+def scheduled_controller(schedule):
+    """The reference controller with K following `schedule` round by round (cycling), whatever the
+    clock says: plain rounds (K = 0) between drafting ones, on any machine load."""
+
+    class Scheduled(REF.fallback.FallbackController):
+        needs_draft_step = False
+
+        def decide(self):
+            self.i = getattr(self, "i", 0) + 1
+            return schedule[self.i % len(schedule)]
+
+    controller = Scheduled(max_lookahead=max(schedule), initial_lookahead=schedule[0])
+    controller._lookahead = schedule[0]
+    return controller
+
+
 # The Medusa drafter ------------------------------------------------------------------------------
 @pytest.mark.parametrize("loop", ["speculative", "fallback"])
 def test_medusa_drafter_reads_the_last_verified_hidden_state(target, loop):
     """Drafting reads fm.hidden of the target's previous call, at the last verified position,
-    whether that call verified drafts or was a plain round of the controller; no model call."""
+    whether that call verified drafts or was a plain round of the controller (here K follows a
+    fixed schedule with plain rounds between, so the check does not depend on the clock); no
+    model call."""
     max_tokens = 30
     plain = mlx_lm_greedy(target, PROMPT, max_tokens + 4)
     text = PROMPT + plain
@@ -100,7 +118,7 @@ def test_medusa_drafter_reads_the_last_verified_hidden_state(target, loop):
     if loop == "speculative":
         stream = REF.speculative.speculative_generate(decoder, mx.array(PROMPT), max_tokens, stats=stats)
     else:
-        controller = REF.fallback.FallbackController(max_lookahead=3, initial_lookahead=3)
+        controller = scheduled_controller([3, 0, 0, 2, 3, 0, 1])
         stream = REF.fallback.fallback_generate(decoder, controller, mx.array(PROMPT), max_tokens,
                                                 stats=stats)
     tokens = [int(t) for t, _ in stream]
