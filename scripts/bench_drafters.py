@@ -5,24 +5,34 @@
     export PYTHONPATH=$PWD/src:$PWD/solutions
     nice -n 10 python -u scripts/bench_drafters.py --out src/specdec/kit/assets/bakeoff/bakeoff.json
     nice -n 10 python -u scripts/bench_drafters.py --quick --out /tmp/bakeoff.json   # pipeline check
+    # only some rows, added to the shipped report (same prompts and lengths as it):
+    nice -n 10 python -u scripts/bench_drafters.py --prompts 5 --max-tokens 64 --repeats 3 \
+        --modes plain,aa,model,eagle,eagle+controller --out /tmp/eagle.json \
+        --merge-into src/specdec/kit/assets/bakeoff/bakeoff.json
 
 Drafters: the draft model (Week 2), n-gram (Week 3 Day 3), token tree (Week 3 Day 4), Medusa
-heads (Week 5 Day 2), EAGLE (Week 5 Day 3, when `specdec.kit.suite.find_eagle` finds it), layer skipping
-(Week 5 Day 4). What it does, in order (the reference `specdec_ref`, embedded target, float32):
+heads (Week 5 Day 2), EAGLE (Week 5 Day 3, when the course has it), layer skipping (Week 5 Day 4).
+Every chain drafter's decoder comes from `specdec.kit.drafter_registry.build_decoder` (the one
+place that builds drafters; EAGLE is there exactly when the registry can build it); Medusa's
+own Day 2 loop (its chain and its tree) stays beside the registry's Medusa `Drafter`, which the
+fallback controller drives. What it does, in order (the reference `specdec_ref`, embedded
+target, float32):
 
 1. Tuning, on held-out prompts that are NOT timed later (`--tune` files after the timed ones):
    every chain drafter decodes at K = --max-k, greedy and at temperature 1, to measure its
    per-position acceptance curve a_j (Week 4 Day 2). Layer skipping picks its one skipped layer
-   on the same tuning text (`choose_layers_to_skip`, Week 5 Day 4).
+   on the same tuning text (`choose_skip(..., "auto:1", ...)`: Week 5 Day 4's choice).
 2. Costs, in target steps (a one-token step after a 64-token prefill, medians, the models
-   interleaved): c_token per drafted token (draft model, layer-skip model), c_round per round
+   interleaved): c_token per drafted token (draft model, layer-skip model, EAGLE's layer and
+   LM head), c_round per round
    (Medusa: the heads' call and its host sync; n-gram: its Python lookup), and v(K) = t(K+1)/t(1)
    of the target, at batch 1 and at batch 8.
 3. The cost model: each drafter's best K from its own curve and costs (`bakeoff.best_lookahead`).
 4. Timed decoding on `--prompts` held-out prompts (`bench_prompts`, the suite's), --max-tokens
    each, EOS ignored, after a warm-up, the modes interleaved per prompt and repeat in a rotated
    order: plain, plain again (the A/A control), every drafter at its best K, the fallback
-   controller for every `Drafter`, and sampled (T = 1) runs. Every greedy output is compared
+   controller for every `Drafter` (Medusa's as the registry's MedusaDrafter), and sampled
+   (T = 1) runs; `--modes` picks a subset (plain and the A/A control always run). Every greedy output is compared
    with plain greedy, token for token (the script stops if one differs). Speed-ups are paired
    per prompt and judged against the A/A drift (`bakeoff.paired_comparison`).
 5. Batch 8: batched plain vs batched speculation with the draft model (the only batched
@@ -48,11 +58,11 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
 from specdec.kit.cli.common import bench_prompts, heldout_prompts
-from specdec.kit.features import MEDUSA_HEADS, feature_model, load_heads
+from specdec.kit.drafter_registry import DrafterError, DrafterOptions, build_decoder, choose_skip, load_medusa_heads
+from specdec.kit.features import feature_model
 from specdec.kit.impl import get_impl
 from specdec.kit.loading import load_model
 from specdec.kit.stats import SpecStats
-from specdec.kit.suite import find_eagle
 from specdec.kit.timing import blas_info
 
 REF = get_impl("ref")
@@ -61,11 +71,13 @@ DEVICE_ASSUMPTIONS = {
                      "bytes it reads, so c = draft bytes / target bytes, Medusa's c_round = (heads "
                      "+ LM head) bytes / target bytes, layer skip c = kept bytes / target bytes; "
                      "v(K) = 1 + 0.02 K (Week 1 Day 3: close to 1 for small K; the 0.02 is Week 2 "
-                     "Day 5's illustration). n-gram: 0.",
+                     "Day 5's illustration). n-gram: 0. EAGLE c = (its layer + LM head) bytes / "
+                     "target bytes.",
     "gpu_launch_bound": "a tiny model on a datacenter GPU at batch 1 is bound by kernel launches, "
                         "not bytes: a call costs about its number of layers (+1 for embedding, "
                         "norm and head together), Medusa's heads one such unit, v(K) = 1.0, "
-                        "n-gram 0 (its Python lookup overlaps nothing: kept at 0 for the bound).",
+                        "n-gram 0 (its Python lookup overlaps nothing: kept at 0 for the bound), "
+                        "EAGLE two units (its layer; the LM head).",
 }
 
 
@@ -77,12 +89,12 @@ def plain(target, temperature=0.0):
     return run
 
 
-def chain(make_drafter, target, k, temperature=0.0, controller=None):
-    """Any `Drafter` through DrafterDecoder: speculative_generate, or fallback_generate."""
+def chain(decoder, temperature=0.0, controller=None):
+    """A decoder from `drafter_registry.build_decoder` (built once: every loop resets it per
+    prompt) through speculative_generate at its fixed K, or fallback_generate with `controller`."""
     def run(prompt, n, stats, key):
-        decoder = REF.drafters.DrafterDecoder(make_drafter(), target, lookahead=k)
         if controller is not None:
-            stream = REF.fallback.fallback_generate(decoder, controller(k), mx.array(prompt), n,
+            stream = REF.fallback.fallback_generate(decoder, controller(decoder.lookahead), mx.array(prompt), n,
                                                     temperature=temperature, key=key, stats=stats)
         else:
             stream = REF.speculative.speculative_generate(decoder, mx.array(prompt), n, temperature=temperature,
@@ -92,6 +104,8 @@ def chain(make_drafter, target, k, temperature=0.0, controller=None):
 
 
 def medusa(target, heads, k, temperature=0.0, widths=None):
+    """Week 5 Day 2's own loop (chain or tree of the heads' top tokens): the registry's Medusa
+    drafter is the chain behind the `Drafter` interface, without the tree."""
     def run(prompt, n, stats, key):
         if temperature == 0:
             stream = REF.medusa.medusa_generate(target, heads, prompt, n, stats=stats, widths=widths or (1,) * k)
@@ -160,23 +174,82 @@ def ngram_round_seconds(history: list[int], k: int, steps: int) -> float:
     return statistics.median(out[2:])
 
 
-def drafter_step_seconds(drafter, prefill: list[int], steps: int) -> float:
-    """Median seconds of a `Drafter`'s one-token draft call after a prefill (context kept fixed)."""
+def eagle_step_seconds(drafter, prefill: list[int], steps: int) -> float:
+    """Median seconds of one EAGLE draft step after `prefill` pairs in its cache: one call of
+    its layer on a (feature, token) pair, the target's LM head and the argmax (what each draft
+    after the first costs in `eagle_draft`; the re-feed of a round rides on its first call)."""
+    layer, fm = drafter.layer, drafter.target_model
+    embed = fm.model.model.embed_tokens
     drafter.reset()
-    mx.eval(drafter.draft(mx.array(prefill), 1)[0])
+    cache = drafter.cache[0]
+    D = layer.hidden_size
+    mx.eval(layer(mx.zeros((1, len(prefill), D)), embed(mx.array([prefill])), cache=cache))
+    h, token = mx.zeros((1, 1, D)), mx.array([[1]])
     out = []
     for _ in range(steps + 2):
         start = time.perf_counter()
-        mx.eval(drafter.draft(mx.array([1]), 1)[0])
+        mx.eval(mx.argmax(fm.lm_head(layer(h, embed(token), cache=cache)[0, -1])))
         out.append(time.perf_counter() - start)
-        for c in drafter.cache:
-            c.trim(1)
+        cache.trim(1)
     drafter.reset()
     return statistics.median(out[2:])
 
 
 def nbytes(module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+
+# What to run -------------------------------------------------------------------------------------
+# --modes names: plain and aa (always timed: every speed-up is paired against plain and judged
+# against the A/A drift), a registry drafter (its row at the cost model's K; medusa: Day 2's loop,
+# chain and tree), NAME+controller (that drafter through Week 4's fallback controller), tree,
+# sampled (the T = 1 rows of the chosen drafters) and batch (section 5, the draft model's path).
+CHAIN = {"model": "draft model", "ngram": "n-gram", "layerskip": "layer skip", "eagle": "EAGLE"}
+MODES = ["plain", "aa", "model", "ngram", "tree", "medusa", "layerskip", "eagle", "model+controller",
+         "ngram+controller", "medusa+controller", "layerskip+controller", "eagle+controller", "sampled", "batch"]
+
+
+def parse_modes(text: str) -> set:
+    modes = {m.strip() for m in text.split(",") if m.strip()}
+    unknown = sorted(modes - set(MODES))
+    if unknown:
+        raise SystemExit(f"--modes: unknown {', '.join(unknown)}; use a comma list of {','.join(MODES)}")
+    return modes | {"plain", "aa"}
+
+
+def merge_into(path: Path, report: dict) -> tuple[dict, list[str]]:
+    """The report at `path` (the shipped bakeoff.json) with what it lacks from this run: the
+    rows it has no row of that name for (EAGLE's, Medusa through the controller), and the
+    curves, costs, K, predictions and device predictions of the drafters it has no curve of.
+    What it already has stays; this whole run (its plain, A/A and draft-model rows too, to read
+    the new rows against) goes to `merged_runs`. Returns (report, the rows added). Refused unless
+    both timed the same prompts and lengths: speed-ups are paired per prompt."""
+    base = json.loads(path.read_text())
+    if (base["timed_prompts"], base["settings"]["max_tokens"]) != (report["timed_prompts"],
+                                                                   report["settings"]["max_tokens"]):
+        raise SystemExit(f"--merge-into {path}: it timed {base['timed_prompts']} x {base['settings']['max_tokens']} "
+                         f"tokens, this run {report['timed_prompts']} x {report['settings']['max_tokens']}: "
+                         "rerun with the same --prompts and --max-tokens, or write --out to a new file")
+    run = len(base.setdefault("merged_runs", [])) + 1
+    added = [n for n in report["single_stream"] if n not in base["single_stream"]]
+    new = [n for n in report["curves"] if n not in base["curves"]]
+    base["merged_runs"].append({"run": run, "rows_added": added, "drafters_added": new, "eagle": report["eagle"],
+                                "settings": report["settings"], "environment": report["environment"],
+                                "single_stream": report["single_stream"], "seconds": report["seconds"]})
+    for name in added:
+        base["single_stream"][name] = report["single_stream"][name] | {"merged_run": run}
+    for section in ("curves", "best_k", "predictions"):
+        base[section].update({n: v for n, v in report[section].items() if n in new})
+    for batch, costs in report["costs"].items():
+        for kind in ("c_token", "c_round"):
+            if batch in base["costs"]:
+                base["costs"][batch][kind].update({n: costs[kind][n] for n in new if n in costs[kind]})
+    for device, d in report["devices"].items():
+        for part in ("c_token", "c_round", "best"):
+            base["devices"][device][part].update({n: d[part][n] for n in new if n in d[part]})
+    if "EAGLE" in new:
+        base["eagle"] = report["eagle"]
+    return base, added
 
 
 # Main -------------------------------------------------------------------------------------------
@@ -190,9 +263,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="timed calls per cost measurement and round")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma list of what to time (default all): {','.join(MODES)}; plain and aa always")
     p.add_argument("--quick", action="store_true", help="2 prompts x 16 tokens, 1 repeat: pipeline check, not numbers")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--merge-into", type=Path, default=None,
+                   help="also add to that report (the shipped bakeoff.json) the rows and drafters it lacks "
+                        "(EAGLE, Medusa + fallback); it must have timed the same prompts and --max-tokens")
     a = p.parse_args()
+    modes_wanted = parse_modes(a.modes)
     if a.quick:
         a.prompts, a.tune, a.max_tokens, a.repeats, a.max_k, a.steps = 2, 1, 16, 1, 3, 2
     started = time.time()
@@ -202,10 +281,20 @@ def main() -> None:
         log(quick_note)
     target, tok = load_model("tiny-code", dtype=mx.float32)
     draft, _ = load_model("tiny-code-draft", dtype=mx.float32)
-    heads = load_heads(MEDUSA_HEADS, REF.medusa.MedusaHeads, target)
-    eagle, eagle_note = find_eagle(target)  # None until Week 5 Day 3 lands
+    heads = load_medusa_heads(REF, target)
+    want = lambda name: name in modes_wanted or f"{name}+controller" in modes_wanted  # noqa: E731
+    eagle_note = None
+    if want("eagle"):
+        try:  # the registry's feature test: the kit's load_eagle and the course's EagleDrafter
+            build_decoder(REF, "eagle", target, lookahead=1)
+        except DrafterError as e:
+            eagle_note = str(e)
+            modes_wanted -= {"eagle", "eagle+controller"}
+    else:
+        eagle_note = "not asked for (--modes)"
     log(f"BLAS {blas_info()['blas']}, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}, "
-        f"load {os.getloadavg()[0]:.1f}; EAGLE: {'yes' if eagle else eagle_note}")
+        f"load {os.getloadavg()[0]:.1f}; modes {','.join(m for m in MODES if m in modes_wanted)}; "
+        f"EAGLE: {eagle_note or 'yes'}")
     timed = bench_prompts("tiny-code", a.prompts)
     timed_names = {n for n, _ in timed}
     tune = [(n, t) for n, t in heldout_prompts("tiny-code", a.prompts + a.tune + 8, lines=40)
@@ -213,37 +302,47 @@ def main() -> None:
     prompts = [tok.encode(t)[:256] for _, t in timed]
     tune_prompts = [tok.encode(t)[:256] for _, t in tune]
     report = {"timed_prompts": [n for n, _ in timed], "tuning_prompts": [n for n, _ in tune],
-              "settings": vars(a) | {"out": str(a.out)}, "environment": blas_info() | {
+              "settings": vars(a) | {"out": str(a.out), "merge_into": str(a.merge_into)}, "environment": blas_info() | {
                   "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
                   "load_average_start": os.getloadavg()[0], "cpu_count": os.cpu_count()},
               "device_assumptions": DEVICE_ASSUMPTIONS, "eagle": eagle_note or "included",
               "note": quick_note if a.quick else "timings from a shared machine: see load_average_*"}
 
-    # 1. Tuning: the layer to skip, then every chain drafter's curve at K = max_k.
-    select = mx.array(sum(tune_prompts, [])[:1024], dtype=mx.int32)
-    (skip, skip_alpha), = REF.layerskip.choose_layers_to_skip(target, select, 1)
-    log(f"layer skip: {list(skip)} (greedy agreement {skip_alpha:.3f} on the tuning text)")
-    drafters = {  # name -> a fresh Drafter (chain drafters behind DrafterDecoder)
-        "draft model": lambda: REF.drafters.ModelDrafter(draft),
-        "n-gram": lambda: REF.drafters.NgramDrafter(),
-        f"layer skip {list(skip)}": lambda: REF.layerskip.LayerSkipDrafter(target, skip),
-    }
-    if eagle is not None:
-        drafters["EAGLE"] = lambda: eagle  # DrafterDecoder resets it for every prompt
+    # 1. Tuning: the layer to skip, then every chain drafter's curve at K = max_k. Every decoder
+    # comes from the drafter registry (the draft model's too), built once per K.
+    select = sum(tune_prompts, [])[:1024]
+    skip = choose_skip(REF, target, "auto:1", select)
+    log(f"layer skip: {list(skip)} (the one layer choose_layers_to_skip picks on the tuning text)")
+    options = DrafterOptions(heads=heads, skip_layers=skip)
+    labels = {"model": "draft model", "ngram": "n-gram", "layerskip": f"layer skip {list(skip)}",
+              "medusa": "medusa", "eagle": "EAGLE"}
+    decoders: dict = {}
+
+    def decoder(name: str, k: int, role: str = "fixed"):
+        """The registry's decoder for drafter `name` at K = k (one per name, K and role: the
+        controller's rows get their own)."""
+        if (name, k, role) not in decoders:
+            decoders[name, k, role] = build_decoder(REF, name, target, draft, lookahead=k, options=options)
+        return decoders[name, k, role]
+
+    need_model = want("model") or "tree" in modes_wanted or "batch" in modes_wanted
+    chain_names = [n for n in CHAIN if want(n) or (n == "model" and need_model)]  # chain drafters with a curve
+    curve_names = chain_names + (["medusa"] if want("medusa") else [])
+    drafters = {labels[n]: n for n in chain_names}  # label -> registry name
     curves: dict = {}
     for temperature in (0.0, 1.0):
-        for name in [*drafters, "medusa"]:
+        for name in curve_names:
             stats = SpecStats()
             for i, prompt in enumerate(tune_prompts):
                 key = mx.random.key(a.seed + i) if temperature else None
                 run = (medusa(target, heads, min(a.max_k, heads.num_heads), temperature) if name == "medusa"
-                       else chain(drafters[name], target, a.max_k, temperature))
+                       else chain(decoder(name, a.max_k), temperature))
                 run(prompt, a.max_tokens, stats, key)
             curve = REF.metrics.acceptance_per_position(stats)
-            curves.setdefault(name, {})[f"T={temperature:g}"] = {
+            curves.setdefault(labels[name], {})[f"T={temperature:g}"] = {
                 "curve": curve, "rounds": stats.rounds, "alpha_estimate": stats.alpha_estimate,
                 "mean_accepted_length": stats.mean_accepted_length}
-            log(f"curve {name:20s} T={temperature:g}: " + " ".join(f"{x:.2f}" for x in curve))
+            log(f"curve {labels[name]:20s} T={temperature:g}: " + " ".join(f"{x:.2f}" for x in curve))
     report["curves"] = curves
 
     # 2. Costs, at batch 1 and batch B.
@@ -265,39 +364,49 @@ def main() -> None:
         log(f"costs batch {batch}: target step {1e3 * step:.1f} ms, " + json.dumps(
             {k: ({n: round(x, 3) for n, x in v.items() if x is not None} if isinstance(v, dict) else round(v, 2))
              for k, v in costs[f"batch {batch}"].items()}))
-    if eagle is not None:  # no model to time alone: time its one-token draft call (batch 1 only)
-        costs["batch 1"]["c_token"]["EAGLE"] = drafter_step_seconds(eagle, prefill, a.steps) / costs[
-            "batch 1"]["target_step_ms"] * 1e3
+    if "EAGLE" in drafters:  # no model to time alone: time one draft step of its layer (batch 1 only)
+        costs["batch 1"]["c_token"]["EAGLE"] = eagle_step_seconds(decoder("eagle", 1).drafter, prefill, a.steps) / (
+            costs["batch 1"]["target_step_ms"] / 1e3)
         costs["batch 1"]["c_round"]["EAGLE"] = 0.0
     report["costs"] = costs
 
     # 3. The cost model picks each drafter's K (greedy curves, batch-1 costs).
     c1 = costs["batch 1"]
     best = {}
-    for name in [*drafters, "medusa"]:
+    for name in [labels[n] for n in curve_names]:
         k, s = REF.bakeoff.best_lookahead(curves[name]["T=0"]["curve"], c1["c_token"][name], c1["v"],
                                           c_round=c1["c_round"][name])
         best[name] = {"K": max(k, 1), "predicted_speedup": s, "cost_model_says_plain": k == 0}
-    best["tree"] = {"K": best["draft model"]["K"]}
+    if need_model:
+        best["tree"] = {"K": best["draft model"]["K"]}
     report["best_k"] = best
     log("best K by the cost model: " + json.dumps({n: (b["K"], round(b.get("predicted_speedup", 0), 2)) for n, b in best.items()}))
 
-    # 4. Timed single-stream decoding, interleaved.
+    # 4. Timed single-stream decoding, interleaved: the --modes asked for.
+    sampled = "sampled" in modes_wanted
     modes = {"plain": (plain(target), 0.0), "plain (A/A)": (plain(target), 0.0)}
-    for name, make in drafters.items():
-        modes[f"{name} K={best[name]['K']}"] = (chain(make, target, best[name]["K"]), 0.0)
-    mk = best["medusa"]["K"]
-    modes[f"medusa chain K={mk}"] = (medusa(target, heads, mk), 0.0)
-    modes["medusa tree (2,2,1)"] = (medusa(target, heads, 3, widths=(2, 2, 1)), 0.0)
-    modes[f"tree (2 x 2, depth {best['tree']['K']})"] = (tree(draft, target, best["tree"]["K"]), 0.0)
-    for name, make in drafters.items():
-        modes[f"{name} + fallback (K<={best[name]['K']})"] = (chain(make, target, best[name]["K"],
-                                                                     controller=controller_for), 0.0)
-    modes["plain T=1"] = (plain(target, 1.0), 1.0)
-    modes["plain T=1 (A/A)"] = (plain(target, 1.0), 1.0)
-    for name, make in drafters.items():
-        modes[f"{name} K={best[name]['K']} T=1"] = (chain(make, target, best[name]["K"], 1.0), 1.0)
-    modes[f"medusa chain K={mk} T=1"] = (medusa(target, heads, mk, 1.0), 1.0)
+    for label, name in drafters.items():
+        if name in modes_wanted:
+            modes[f"{label} K={best[label]['K']}"] = (chain(decoder(name, best[label]["K"])), 0.0)
+    if "medusa" in modes_wanted:
+        mk = best["medusa"]["K"]
+        modes[f"medusa chain K={mk}"] = (medusa(target, heads, mk), 0.0)
+        modes["medusa tree (2,2,1)"] = (medusa(target, heads, 3, widths=(2, 2, 1)), 0.0)
+    if "tree" in modes_wanted:
+        modes[f"tree (2 x 2, depth {best['tree']['K']})"] = (tree(draft, target, best["tree"]["K"]), 0.0)
+    for label, name in [*drafters.items(), ("medusa", "medusa")]:  # Medusa here: MedusaDrafter, the registry's
+        if f"{name}+controller" in modes_wanted:
+            k = best[label]["K"]
+            modes[f"{label} + fallback (K<={k})"] = (chain(decoder(name, k, "controller"),
+                                                                      controller=controller_for), 0.0)
+    if sampled:
+        modes["plain T=1"] = (plain(target, 1.0), 1.0)
+        modes["plain T=1 (A/A)"] = (plain(target, 1.0), 1.0)
+        for label, name in drafters.items():
+            if name in modes_wanted:
+                modes[f"{label} K={best[label]['K']} T=1"] = (chain(decoder(name, best[label]["K"]), 1.0), 1.0)
+        if "medusa" in modes_wanted:
+            modes[f"medusa chain K={mk} T=1"] = (medusa(target, heads, mk, 1.0), 1.0)
 
     names = list(modes)
     for name in names:  # warm-up
@@ -354,7 +463,9 @@ def main() -> None:
         if name not in best or "predicted_speedup" not in best[name]:
             continue
         k = best[name]["K"]
-        row = rows[f"medusa chain K={k}" if name == "medusa" else f"{name} K={k}"]
+        row = rows.get(f"medusa chain K={k}" if name == "medusa" else f"{name} K={k}")
+        if row is None:  # tuned (for the tree or batch), not timed at fixed K: not asked for
+            continue
         measured_curve = row["curve"]
         pred_run = (REF.bakeoff.predicted_speedup(measured_curve, k, c1["c_token"][name], c1["v"][k], c1["c_round"][name])
                     if len(measured_curve) >= k else None)
@@ -365,43 +476,44 @@ def main() -> None:
     report["predictions"] = predictions
 
     # 5. Batch B: the draft model's batched path, measured; the others predicted.
-    B = a.batch
-    groups = [[prompts[(g + j) % len(prompts)] for j in range(B)] for g in range(min(len(prompts), 3))]
-    kb = best["draft model"]["K"]
-    batch_modes = {
-        "plain": lambda rows_: REF.batched.batched_plain_decode(rows_, target, a.max_tokens, eos_token_ids=[]),
-        f"draft model K={kb}": lambda rows_: REF.batched.batched_speculative_decode(
-            rows_, draft, target, a.max_tokens, lookahead=kb, eos_token_ids=[]),
-    }
-    for fn in batch_modes.values():
-        fn(groups[0])
-    bsecs, batch_outputs = {n: [] for n in batch_modes}, {}
-    for g, rows_ in enumerate(groups):
-        for name in (list(batch_modes) if g % 2 == 0 else list(reversed(batch_modes))):
-            start = time.perf_counter()
-            out = batch_modes[name](rows_)
-            bsecs[name].append(time.perf_counter() - start)
-            assert all(len(o) == a.max_tokens for o in out)
-            batch_outputs.setdefault(name, []).append(out)
-    cb = costs[f"batch {B}"]
-    batch_report = {"batch_size": B, "groups": len(groups), "measured": {
-        n: {"tokens_per_s": B * a.max_tokens / statistics.median(v),
-            "per_group_tokens_per_s": [B * a.max_tokens / s for s in v]} for n, v in bsecs.items()}}
-    batch_report["identical_to_plain"] = batch_outputs["plain"] == batch_outputs[f"draft model K={kb}"]
-    batch_report["measured"][f"draft model K={kb}"]["speedup"] = statistics.median(
-        [p / s for p, s in zip(bsecs["plain"], bsecs[f"draft model K={kb}"])])
-    batch_report["predicted"] = {}
-    for name in [*drafters, "medusa"]:
-        if cb["c_token"].get(name) is None:
-            continue
-        k, s = REF.bakeoff.best_lookahead(curves[name]["T=0"]["curve"], cb["c_token"][name], cb["v"],
-                                          c_round=cb["c_round"][name])
-        batch_report["predicted"][name] = {"best_K": k, "speedup": s, "at_single_stream_K": REF.bakeoff.predicted_speedup(
-            curves[name]["T=0"]["curve"], best[name]["K"], cb["c_token"][name], cb["v"][best[name]["K"]], cb["c_round"][name])}
-    report["batch"] = batch_report
-    log(f"batch {B}: " + json.dumps(batch_report["measured"], default=lambda x: round(x, 2))[:400])
-    log(f"batch {B} predicted: " + json.dumps({n: (v['best_K'], round(v['speedup'], 2))
-                                                for n, v in batch_report['predicted'].items()}))
+    if "batch" in modes_wanted:
+        B = a.batch
+        groups = [[prompts[(g + j) % len(prompts)] for j in range(B)] for g in range(min(len(prompts), 3))]
+        kb = best["draft model"]["K"]
+        batch_modes = {
+            "plain": lambda rows_: REF.batched.batched_plain_decode(rows_, target, a.max_tokens, eos_token_ids=[]),
+            f"draft model K={kb}": lambda rows_: REF.batched.batched_speculative_decode(
+                rows_, draft, target, a.max_tokens, lookahead=kb, eos_token_ids=[]),
+        }
+        for fn in batch_modes.values():
+            fn(groups[0])
+        bsecs, batch_outputs = {n: [] for n in batch_modes}, {}
+        for g, rows_ in enumerate(groups):
+            for name in (list(batch_modes) if g % 2 == 0 else list(reversed(batch_modes))):
+                start = time.perf_counter()
+                out = batch_modes[name](rows_)
+                bsecs[name].append(time.perf_counter() - start)
+                assert all(len(o) == a.max_tokens for o in out)
+                batch_outputs.setdefault(name, []).append(out)
+        cb = costs[f"batch {B}"]
+        batch_report = {"batch_size": B, "groups": len(groups), "measured": {
+            n: {"tokens_per_s": B * a.max_tokens / statistics.median(v),
+                "per_group_tokens_per_s": [B * a.max_tokens / s for s in v]} for n, v in bsecs.items()}}
+        batch_report["identical_to_plain"] = batch_outputs["plain"] == batch_outputs[f"draft model K={kb}"]
+        batch_report["measured"][f"draft model K={kb}"]["speedup"] = statistics.median(
+            [p / s for p, s in zip(bsecs["plain"], bsecs[f"draft model K={kb}"])])
+        batch_report["predicted"] = {}
+        for name in [*drafters, "medusa"]:
+            if cb["c_token"].get(name) is None:
+                continue
+            k, s = REF.bakeoff.best_lookahead(curves[name]["T=0"]["curve"], cb["c_token"][name], cb["v"],
+                                              c_round=cb["c_round"][name])
+            batch_report["predicted"][name] = {"best_K": k, "speedup": s, "at_single_stream_K": REF.bakeoff.predicted_speedup(
+                curves[name]["T=0"]["curve"], best[name]["K"], cb["c_token"][name], cb["v"][best[name]["K"]], cb["c_round"][name])}
+        report["batch"] = batch_report
+        log(f"batch {B}: " + json.dumps(batch_report["measured"], default=lambda x: round(x, 2))[:400])
+        log(f"batch {B} predicted: " + json.dumps({n: (v['best_K'], round(v['speedup'], 2))
+                                                    for n, v in batch_report['predicted'].items()}))
 
     # 6. Other devices: the same curves, stated cost ratios.
     layers = target.model.layers if hasattr(target, "model") else target.layers
@@ -419,9 +531,13 @@ def main() -> None:
             f"layer skip {list(skip)}": (n_layers - skipped + 1) / (n_layers + 1), "n-gram": 0.0, "medusa": 0.0},
             "c_round": {"draft model": 0.0, f"layer skip {list(skip)}": 0.0, "n-gram": 0.0, "medusa": 1 / (n_layers + 1)}},
     }
+    if "EAGLE" in drafters:  # one layer and the target's LM head per draft
+        layer = decoder("eagle", 1).drafter.layer
+        for device, c in (("apple_silicon", (nbytes(layer) + lm_head) / total), ("gpu_launch_bound", 2 / (n_layers + 1))):
+            devices[device]["c_token"]["EAGLE"], devices[device]["c_round"]["EAGLE"] = c, 0.0
     for device, d in devices.items():
         d["best"] = {}
-        for name in d["c_token"]:
+        for name in [n for n in d["c_token"] if n in curves]:
             k, s = REF.bakeoff.best_lookahead(curves[name]["T=0"]["curve"], d["c_token"][name], d["v"],
                                               c_round=d["c_round"][name])
             d["best"][name] = {"K": k, "speedup": s}
@@ -431,13 +547,13 @@ def main() -> None:
     # The issue's bars, stated against this run.
     learned = {n: r for n, r in rows.items() if r["temperature"] == 0 and "fallback" not in n
                and any(n.startswith(x) for x in ("medusa", "layer skip", "EAGLE"))}
-    model_row = rows[f"draft model K={best['draft model']['K']}"]
-    top = max(learned, key=lambda n: learned[n]["tokens_per_s"])
+    model_row = rows.get(f"draft model K={best['draft model']['K']}") if need_model else None
+    top = max(learned, key=lambda n: learned[n]["tokens_per_s"]) if learned else None
     report["bars"] = {
-        "best_learned_or_self": top, "vs_plain": learned[top]["speedup"],
-        "vs_draft_model": learned[top]["tokens_per_s"] / model_row["tokens_per_s"],
-        "accepted_per_round": learned[top]["mean_accepted_length"],
-        "draft_model_accepted_per_round": model_row["mean_accepted_length"],
+        "best_learned_or_self": top, "vs_plain": learned[top]["speedup"] if top else None,
+        "vs_draft_model": learned[top]["tokens_per_s"] / model_row["tokens_per_s"] if top and model_row else None,
+        "accepted_per_round": learned[top]["mean_accepted_length"] if top else None,
+        "draft_model_accepted_per_round": model_row["mean_accepted_length"] if model_row else None,
         "greedy_identical_everywhere": all(r["identical_to_plain"] for r in rows.values() if r["temperature"] == 0)}
     report["environment"]["load_average_end"] = os.getloadavg()[0]
     report["seconds"] = time.time() - started
@@ -446,6 +562,10 @@ def main() -> None:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
         log(f"wrote {a.out}")
+    if a.merge_into:
+        merged, added = merge_into(a.merge_into, report)
+        a.merge_into.write_text(json.dumps(merged, indent=1, default=str) + "\n")
+        log(f"merged into {a.merge_into}: {', '.join(added) or 'no new rows'} (the whole run in merged_runs)")
 
 
 if __name__ == "__main__":

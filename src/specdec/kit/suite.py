@@ -8,7 +8,8 @@ prediction at the measured alpha, c and v(K) next to each fixed-K speed-up. Sect
     adaptive      Week 3 Day 1 policies (threshold, heuristic, goodput)
     fallback      the Week 4 Day 3 controller (K may drop to 0 = plain decoding)
     drafters      every drafter at the same K: model, n-gram, token tree, and Week 5's Medusa
-                  heads (embedded target), layer skipping and EAGLE (when importable); with
+                  heads (embedded target), layer skipping and EAGLE (when the course has it),
+                  every one built by `drafter_registry.build_decoder`; with
                   tokens per call, accepted per round and acceptance per draft position
     temperature   fixed K at temperature 0 and 1 (speed-up over plain at the same temperature)
     batch         batched speculative vs batched plain decoding, batch sizes 1/2/4/8
@@ -226,7 +227,9 @@ class _Runner:
     # The drafters section ----------------------------------------------------------------------
     def week5_drafters(self) -> list[str]:
         """Week 5's drafters that fit this target: layer skipping (any llama with 2+ layers),
-        Medusa (heads trained for the embedded target only), EAGLE (when it can be loaded)."""
+        Medusa (heads trained for the embedded target only), EAGLE (when the drafter registry
+        can build it: the course has Week 5 Day 3 and its drafter fits this target)."""
+        from specdec.kit.drafter_registry import DrafterError, build_decoder
         from specdec.kit.layers import decoder_parts
 
         names = []
@@ -234,41 +237,38 @@ class _Runner:
             names.append("layerskip")
         if self.models.target_name == "tiny-code":
             names.append("medusa")
-        if find_eagle(self.models.target)[0] is not None:
+        try:
+            build_decoder(self.impl, "eagle", self.models.target, lookahead=self.s.lookahead)
             names.append("eagle")
+        except DrafterError as e:
+            self.eagle_note = str(e)
         return names
 
     def drafter_row(self, name: str) -> dict:
-        """One drafter at K = lookahead (the tree: depth), greedy, with its acceptance curve."""
+        """One drafter at K = lookahead (the tree: depth), greedy, with its acceptance curve.
+        Week 5's drafters come from `drafter_registry.build_decoder`, as `--drafter` does."""
         from specdec.kit.cli.common import acceptance_by_position, rounds_of
         from specdec.kit.stats import SpecStats
 
         K, mx, target = self.s.lookahead, self.mx, self.models.target
         make_decoder, label = None, f"drafter {name}"
         if name in ("layerskip", "eagle", "medusa"):
+            from specdec.kit.drafter_registry import DrafterOptions, build_decoder, load_medusa_heads
+
+            options = DrafterOptions()
             if name == "layerskip":
-                skip = self.layer_to_skip()
-                make = lambda: self.impl.layerskip.LayerSkipDrafter(target, skip)  # noqa: E731
-                label = f"drafter layerskip {list(skip)}"
-            elif name == "eagle":
-                eagle = find_eagle(target)[0]
-                make = lambda: eagle  # noqa: E731 - DrafterDecoder resets it for every prompt
-            if name == "medusa":
-                from specdec.kit.features import MEDUSA_HEADS, load_heads
+                options = DrafterOptions(skip_layers=self.layer_to_skip())
+                label = f"drafter layerskip {list(options.skip_layers)}"
+            elif name == "medusa":
+                options = DrafterOptions(heads=load_medusa_heads(self.impl, target))
+                K = min(K, options.heads.num_heads)
+            decoder = build_decoder(self.impl, name, target, lookahead=K, options=options)
 
-                heads = load_heads(MEDUSA_HEADS, self.impl.medusa.MedusaHeads, target)
-                K = min(K, heads.num_heads)
-
-            def make_decoder(runs, name=name):
+            def make_decoder(runs):
                 def decode(prompt, max_tokens):
                     stats = SpecStats()
-                    if name == "medusa":
-                        stream = self.impl.medusa.medusa_generate(target, heads, prompt, max_tokens,
-                                                                  stats=stats, widths=(1,) * K)
-                    else:
-                        decoder = self.impl.drafters.DrafterDecoder(make(), target, lookahead=K)
-                        stream = self.impl.speculative.speculative_generate(
-                            decoder, mx.array(prompt, dtype=mx.int32), max_tokens, stats=stats)
+                    stream = self.impl.speculative.speculative_generate(
+                        decoder, mx.array(prompt, dtype=mx.int32), max_tokens, stats=stats)
                     tokens = [int(t) for t, _ in stream]
                     runs.append(stats)
                     return tokens
@@ -441,22 +441,6 @@ def _timed(fn: Callable, prompt, max_tokens: int) -> tuple[list, float]:
     return out, time.perf_counter() - start
 
 
-def find_eagle(target) -> tuple[Any, Optional[str]]:
-    """(an EAGLE `Drafter` for `target`, None), or (None, why not). Week 5 Day 3's loader is
-    looked up by the names the course plan gives it (`load_eagle` in `specdec.kit.eagle` or
-    `specdec.kit.features`); until that day ships, the drafters section runs without EAGLE."""
-    for module, name in (("specdec.kit.eagle", "load_eagle"), ("specdec.kit.features", "load_eagle")):
-        try:
-            loader = getattr(__import__(module, fromlist=[name]), name)
-        except (ImportError, AttributeError):
-            continue
-        try:
-            return loader(target), None
-        except Exception as e:  # noqa: BLE001 - no EAGLE for this target: say why, run the rest
-            return None, f"{module}.{name}: {e}"
-    return None, "EAGLE (Week 5 Day 3) is not in this tree yet"
-
-
 def pooled(runs: list) -> dict:
     """alpha, acceptance and tokens per target call over several runs' SpecStats, pooled."""
     accepted = sum(r.accepted for r in runs)
@@ -503,10 +487,13 @@ def run_suite(settings: SuiteSettings) -> dict:
         row = fn()
         row["job_s"] = time.perf_counter() - started  # wall time of this step, warm-up included
         results.setdefault(section, []).append(row)
-    return {"settings": dataclasses.asdict(settings), "impl": runner.impl.name,
-            "target": runner.models.target_name, "draft": runner.models.draft_name,
-            "prompts": runner.prompt_names[: settings.prompts], "environment": environment(),
-            "seconds": time.perf_counter() - start, "results": results}
+    report = {"settings": dataclasses.asdict(settings), "impl": runner.impl.name,
+              "target": runner.models.target_name, "draft": runner.models.draft_name,
+              "prompts": runner.prompt_names[: settings.prompts], "environment": environment(),
+              "seconds": time.perf_counter() - start, "results": results}
+    if "drafters" in results:  # why the drafters section has no EAGLE row, when it has none
+        report["eagle"] = getattr(runner, "eagle_note", "included")
+    return report
 
 
 # Reporting --------------------------------------------------------------------------------------
@@ -581,6 +568,8 @@ def markdown_report(report: dict) -> str:
     for section, title in titles.items():
         if section == "drafters" and section in res:
             lines += _drafter_table(res[section])
+            if report.get("eagle", "included") != "included":
+                lines += [f"No EAGLE row: {report['eagle']}", ""]
         elif section in res:
             lines += [f"## {title}", "", *_table(SPEC_HEADER, _spec_rows(res[section]))]
     if "batch" in res:
