@@ -368,6 +368,7 @@ def main() -> None:
         costs["batch 1"]["c_token"]["EAGLE"] = eagle_step_seconds(decoder("eagle", 1).drafter, prefill, a.steps) / (
             costs["batch 1"]["target_step_ms"] / 1e3)
         costs["batch 1"]["c_round"]["EAGLE"] = 0.0
+        log(f"costs batch 1: EAGLE c_token {costs['batch 1']['c_token']['EAGLE']:.3f} (its layer, the LM head)")
     report["costs"] = costs
 
     # 3. The cost model picks each drafter's K (greedy curves, batch-1 costs).

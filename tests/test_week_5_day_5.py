@@ -9,6 +9,7 @@ Nothing here times real work: the costs are tables, the tokens/s are lists, and 
 run (Task 1) counts tokens, not seconds.
 """
 
+import json
 import math
 
 import mlx.core as mx
@@ -231,3 +232,62 @@ def test_suite_drafters_table_and_plot(tmp_path):
     paths = suite.write_plots({"settings": {"quick": True}, "results": {"drafters": rows}}, tmp_path)
     assert tmp_path / "drafters.png" in paths, "a drafters section draws drafters.png"
     assert (tmp_path / "drafters.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# scripts/bench_drafters.py: --modes and --merge-into (kit: JSON bookkeeping, no decoding) ----------
+def bench_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_drafters.py"
+    spec = importlib.util.spec_from_file_location("bench_drafters", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bakeoff_report(prompts, rows, drafters, eagle="not in this tree"):
+    """The parts of a bench_drafters report that --merge-into reads and writes."""
+    row = lambda s: {"temperature": 0.0, "tokens_per_s": 20.0 * s, "speedup": s}  # noqa: E731
+    costs = {"c_token": {n: 0.1 for n in drafters}, "c_round": {n: 0.0 for n in drafters}}
+    return {"timed_prompts": prompts, "settings": {"max_tokens": 64}, "environment": {}, "seconds": 1.0,
+            "eagle": eagle, "single_stream": {n: row(s) for n, s in rows.items()},
+            "curves": {n: {"T=0": {"curve": [0.5]}} for n in drafters},
+            "best_k": {n: {"K": 1} for n in drafters}, "predictions": {n: {"K": 1} for n in drafters},
+            "costs": {"batch 1": costs, "batch 8": costs},
+            "devices": {"apple_silicon": {"c_token": {n: 0.1 for n in drafters},
+                                          "c_round": {n: 0.0 for n in drafters},
+                                          "best": {n: {"K": 1} for n in drafters}}}}
+
+
+def test_bench_merge_adds_only_what_the_shipped_report_lacks(tmp_path):
+    bench = bench_script()
+    shipped = bakeoff_report(["a", "b"], {"plain": 1.0, "plain (A/A)": 1.0, "draft model K=3": 1.4},
+                             ["draft model"])
+    path = tmp_path / "bakeoff.json"
+    path.write_text(json.dumps(shipped))
+    run = bakeoff_report(["a", "b"], {"plain": 1.0, "plain (A/A)": 1.1, "draft model K=3": 1.2,
+                                      "EAGLE K=2": 1.3, "EAGLE + fallback (K<=2)": 1.25},
+                         ["draft model", "EAGLE"], eagle="included")
+    merged, added = bench.merge_into(path, run)
+    assert added == ["EAGLE K=2", "EAGLE + fallback (K<=2)"], (
+        f"--merge-into adds the rows the shipped report has no row of that name for, got {added}")
+    assert merged["single_stream"]["draft model K=3"]["speedup"] == 1.4, (
+        "--merge-into keeps the shipped rows: a new run's draft-model row goes to merged_runs only")
+    assert merged["single_stream"]["EAGLE K=2"]["merged_run"] == 1
+    assert merged["merged_runs"][0]["single_stream"]["plain (A/A)"]["speedup"] == 1.1, (
+        "the whole new run (its plain and A/A rows) is kept under merged_runs, to read its rows against")
+    for section in ("curves", "best_k", "predictions"):
+        assert "EAGLE" in merged[section] and merged[section]["draft model"] == shipped[section]["draft model"]
+    assert merged["costs"]["batch 1"]["c_token"]["EAGLE"] == 0.1 and merged["eagle"] == "included"
+    assert "EAGLE" in merged["devices"]["apple_silicon"]["best"]
+    other = bakeoff_report(["a", "c"], {"EAGLE K=2": 1.3}, ["EAGLE"])
+    with pytest.raises(SystemExit, match="same --prompts"):
+        bench.merge_into(path, other)  # speed-ups are paired per prompt: other prompts cannot merge
+
+
+def test_bench_modes_always_time_plain_and_the_a_a_control():
+    bench = bench_script()
+    assert bench.parse_modes("eagle,eagle+controller") == {"plain", "aa", "eagle", "eagle+controller"}
+    with pytest.raises(SystemExit, match="eagel"):
+        bench.parse_modes("plain,eagel")
