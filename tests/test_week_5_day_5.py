@@ -288,6 +288,7 @@ def test_bench_merge_adds_only_what_the_shipped_report_lacks(tmp_path):
 
 def test_bench_modes_always_time_plain_and_the_a_a_control():
     bench = bench_script()
-    assert bench.parse_modes("eagle,eagle+controller") == {"plain", "aa", "eagle", "eagle+controller"}
+    assert bench.parse_modes("eagle,eagle+controller") == {"plain", "aa", "eagle", "eagle+controller"}, (
+        "--modes always adds plain and aa: every speed-up is paired with plain and judged by the A/A drift")
     with pytest.raises(SystemExit, match="eagel"):
         bench.parse_modes("plain,eagel")
