@@ -7,7 +7,7 @@
     nice -n 10 python -u scripts/bench_drafters.py --quick --out /tmp/bakeoff.json   # pipeline check
     # only some rows, added to the shipped report (same prompts and lengths as it):
     nice -n 10 python -u scripts/bench_drafters.py --prompts 5 --max-tokens 64 --repeats 3 \
-        --modes plain,aa,model,eagle,eagle+controller --out /tmp/eagle.json \
+        --modes plain,aa,model,eagle,eagle+controller,medusa+controller,sampled --out /tmp/eagle.json \
         --merge-into src/specdec/kit/assets/bakeoff/bakeoff.json
 
 Drafters: the draft model (Week 2), n-gram (Week 3 Day 3), token tree (Week 3 Day 4), Medusa
