@@ -32,8 +32,8 @@ target, float32):
    each, EOS ignored, after a warm-up, the modes interleaved per prompt and repeat in a rotated
    order: plain, plain again (the A/A control), every drafter at its best K, the fallback
    controller for every `Drafter` (Medusa's as the registry's MedusaDrafter), and sampled
-   (T = 1) runs; `--modes` picks a subset (plain and the A/A control always run). Every greedy output is compared
-   with plain greedy, token for token (the script stops if one differs). Speed-ups are paired
+   (T = 1) runs; `--modes` picks a subset (plain and the A/A control always run). Every
+   greedy output is compared with plain greedy, token for token (the script stops if one differs). Speed-ups are paired
    per prompt and judged against the A/A drift (`bakeoff.paired_comparison`).
 5. Batch 8: batched plain vs batched speculation with the draft model (the only batched
    drafter path); for the others, the cost model's prediction from v(K) and c measured at
