@@ -18,9 +18,9 @@ Costs, in plain steps (one plain step = 1), measured on the course's CPU VM with
 c = 0.11 per drafted token; a speculative round at K costs R(K) = 1.29 / 1.62 / 1.80 / 2.03
 (draft included); a prompt call over L tokens 1 + 0.045 (L - 1); the first two plain rounds
 after it are 15 % slower (not pipelined). Regimes:
-  heldout      prompts 6-17 (the ones `bench_fallback.py --regime heldout` runs), 5 seeds
-  heldout-2    prompts 18-60, another held-out set, 2 seeds
-  tuned        prompts 1-5 (the four regimes' prompts)
+  heldout      prompts 6-17 (the ones `bench_fallback.py --regime heldout` runs), --seeds seeds
+  heldout-2    prompts 18-60, another held-out set, --seeds / 4 seeds
+  tuned        prompts 1-5 (the four regimes' prompts), --seeds seeds
   batch8-like  the batch's shortest row: i.i.d. acceptance 0.3 .. 0.6, v(K) = 1.1 .. 1.5 plus
                0.15 .. 0.25 K (per-row verification and rollback), c = 0.09, a 100-token prompt
                at 0.2 steps per token; against batched plain
@@ -215,8 +215,8 @@ def losing(make, records, seeds, sigma, spike, costs):
 
 def table(make, args) -> dict:
     prompts = json.loads(TRACES.read_text())["prompts"]
-    sets = {"heldout": (range(5, 17), range(5)), "heldout-2": (range(17, 60), range(2)),
-            "tuned": (range(0, 5), range(5))}
+    sets = {"heldout": (range(5, 17), range(args.seeds)), "heldout-2": (range(17, 60), range(max(1, args.seeds // 4))),
+            "tuned": (range(0, 5), range(args.seeds))}
     out = {}
     for name, (indices, seeds) in sets.items():
         records = [(i, prompts[i]) for i in indices]
@@ -276,6 +276,8 @@ def main() -> int:
     p.add_argument("--compare", metavar="FILE", action="append", default=[],
                    help="a .py file defining make_controller(max_lookahead, initial_lookahead)")
     p.add_argument("--k", type=int, default=4, help="K_max = initial K of the controller; fixed K = 1 .. k")
+    p.add_argument("--seeds", type=int, default=20,
+                   help="seeds per prompt (a quarter of them for heldout-2); T = 1 varies a lot from seed to seed")
     p.add_argument("--sigma", type=float, default=0.0, help="lognormal noise of every timed call")
     p.add_argument("--spike", type=float, default=0.0, help="share of calls 1-3x slower")
     p.add_argument("--json", action="store_true")
