@@ -276,8 +276,9 @@ class ControllerBase:
             counts them, (K, G) = early_lookahead((accepted + 1) / (trials + 1)) (one more
             accepted trial than observed; a K not measured yet priced by the line). G >= 1:
             that K (an unlucky round steps K down instead of ending speculation; never above
-            min(initial_lookahead, cap)). G < 1 (or unknown): None; G* <= the generous G < 1,
-            and `decide`'s own rule leaves for plain mode.
+            min(initial_lookahead, cap)). G < 1 (or unknown): None, and `decide`'s own rules
+            go on: its G* reads a smaller alpha and costs no lower, so up to the initial K it
+            is below 1 too, and it leaves for plain mode.
         """
         if not self.could_win():
             self.speculating = self.probing = False
