@@ -28,6 +28,9 @@ against the best fixed K (the K with the best paired figure at that temperature)
 fixed K = --k: the bar is >= 0.95x where speculation wins.
 Memory (the seed's production target "< 2x baseline"): peak MLX memory of one plain run and one
 speculative run; the baseline excludes the draft's weights, which sit in memory in both.
+--compare FILE adds another controller as one more interleaved mode ("compare"): FILE defines
+make_controller(max_lookahead, initial_lookahead) (e.g. the controller of an older commit, for an
+A/B of a rule change); the report adds the shipped controller's paired ratio against it.
 --control adds an A/A ratio: plain decoding timed a second time in the same orders, against
 itself. Its distance from 1.00x is this machine's noise floor for the other columns.
 Not a test: timings depend on the machine. The chapter quotes its output with the machine named.
@@ -77,6 +80,16 @@ def ratio_of(paired_logs: list[float]) -> tuple[float, float, float]:
     return paired_ratio([math.exp(x) for x in paired_logs], [1.0] * len(paired_logs))
 
 
+def load_compare(path: str):
+    """make_controller(max_lookahead, initial_lookahead) from the --compare file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_compare", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_controller
+
+
 def heldout_child(args) -> dict:
     """Controller vs fixed K = 1 .. k on held-out prompts, greedy and sampled (one stream, OpenBLAS)."""
     import mlx.core as mx
@@ -95,15 +108,17 @@ def heldout_child(args) -> dict:
     texts = bench_prompts("tiny-code", args.skip + args.prompts)[args.skip :]
     encoded = [mx.array(tokenizer.encode(text), dtype=mx.int32) for _, text in texts]
     ks = list(range(1, args.k + 1))
-    modes = ["plain"] + [f"K={k}" for k in ks] + ["controller"]
+    modes = ["plain"] + [f"K={k}" for k in ks] + ["controller"] + (["compare"] if args.compare else [])
+    make_compare = load_compare(args.compare) if args.compare else None
 
     def run(mode: str, prompt, temperature: float, key, stats):
         if mode == "plain":
             return list(generate_tokens(target, prompt, args.max_tokens, temperature, key))
-        k = args.k if mode == "controller" else int(mode[2:])
+        k = args.k if mode in ("controller", "compare") else int(mode[2:])
         decoder = SpeculativeDecoder(draft, target, lookahead=k)
-        if mode == "controller":  # as the CLI builds it (make_controller): K_max = initial K = --k
-            controller = FallbackController(max_lookahead=args.k, initial_lookahead=args.k)
+        if mode in ("controller", "compare"):  # as the CLI builds it: K_max = initial K = --k
+            controller = (FallbackController(max_lookahead=args.k, initial_lookahead=args.k) if mode == "controller"
+                          else make_compare(args.k, args.k))
             stream = fallback_generate(decoder, controller, prompt, args.max_tokens, temperature, key,
                                        stats=stats)
         else:
@@ -121,41 +136,47 @@ def heldout_child(args) -> dict:
             per_prompt = {m: [] for m in modes}
             for r in range(args.repeats):
                 key = mx.random.key(1000 * g + r) if temperature > 0 else None
-                outs = {}
+                outs, traces = {}, {}
                 for mode in (modes[i] for i in orders[(g * args.repeats + r) % len(orders)]):
                     st = SpecStats()
                     start = time.perf_counter()
                     outs[mode] = run(mode, prompt, temperature, key, st)
                     per_prompt[mode].append(time.perf_counter() - start)
-                    if mode == "controller":
-                        trace = "".join(str(k) for k in st.lookahead_per_round)
+                    if mode in ("controller", "compare"):
+                        traces[mode] = "".join(str(k) for k in st.lookahead_per_round)
                 if temperature == 0:
                     identical &= all(outs[m] == outs["plain"] for m in modes)
             for m in modes:
                 seconds[m] += per_prompt[m]
             ctrl = statistics.median(per_prompt["controller"])
-            best_here = min(statistics.median(per_prompt[m]) for m in modes[1:-1])
+            best_here = min(statistics.median(per_prompt[m]) for m in modes if m.startswith("K="))
             prompts.append({"name": texts[g][0], "tokens": int(prompt.size),
                             "controller_vs_best_fixed_here": best_here / ctrl,
                             "controller_vs_plain": statistics.median(per_prompt["plain"]) / ctrl,
-                            "k_trace_last_repeat": trace})
+                            "k_trace_last_repeat": traces["controller"],
+                            "compare_k_trace_last_repeat": traces.get("compare")})
             print(f"  [heldout T={temperature:g}] prompt {g + 1}/{len(encoded)} {texts[g][0]}: controller "
                   f"{prompts[-1]['controller_vs_plain']:.2f}x plain, {prompts[-1]['controller_vs_best_fixed_here']:.2f}x "
-                  f"its best fixed K; K per round {trace}", file=sys.stderr, flush=True)
+                  f"its best fixed K; K per round {traces['controller']}"
+                  + (f"; compare {traces['compare']}" if args.compare else ""), file=sys.stderr, flush=True)
         vs_plain = {m: paired_ratio(seconds["plain"], seconds[m]) for m in modes[1:]}
-        best = max((m for m in modes[1:-1]), key=lambda m: vs_plain[m][0])
+        best = max((m for m in modes if m.startswith("K=")), key=lambda m: vs_plain[m][0])
         results[f"{temperature:g}"] = {
             "vs_plain": vs_plain,
             "best_fixed": best,
             "controller_vs_best_fixed": paired_ratio(seconds[best], seconds["controller"]),
             "controller_vs_fixed_k": paired_ratio(seconds[f"K={args.k}"], seconds["controller"]),
+            "controller_vs_compare": (paired_ratio(seconds["compare"], seconds["controller"])
+                                      if args.compare else None),
+            "compare_vs_best_fixed": (paired_ratio(seconds[best], seconds["compare"])
+                                      if args.compare else None),
             "all_identical": identical if temperature == 0 else None,
             "prompts": prompts,
             "seconds": seconds,
         }
     return {"regime": "heldout", "blas": blas_info()["blas"], "device": str(mx.default_device()),
             "k": args.k, "skip": args.skip, "prompts": args.prompts, "max_tokens": args.max_tokens,
-            "repeats": args.repeats, "modes": modes, "temperatures": results}
+            "repeats": args.repeats, "modes": modes, "compare": args.compare, "temperatures": results}
 
 
 def heldout_report(r: dict) -> None:
@@ -171,6 +192,11 @@ def heldout_report(r: dict) -> None:
         print(f"T={temperature}  controller vs best fixed ({t['best_fixed']}): {g:.3f}x [{lo:.3f}, {hi:.3f}]   "
               f"vs K={r['k']}: {gk:.3f}x [{lok:.3f}, {hik:.3f}]"
               + ("" if t["all_identical"] is None else f"   identical: {'yes' if t['all_identical'] else 'NO'}"))
+        if t.get("controller_vs_compare"):
+            g, lo, hi = t["controller_vs_compare"]
+            gc, loc, hic = t["compare_vs_best_fixed"]
+            print(f"T={temperature}  controller vs compare ({r['compare']}): {g:.3f}x [{lo:.3f}, {hi:.3f}]   "
+                  f"compare vs best fixed: {gc:.3f}x [{loc:.3f}, {hic:.3f}]")
 
 
 def child(args) -> dict:
@@ -200,6 +226,10 @@ def child(args) -> dict:
     encoded = [list(tokenizer.encode(text)) for _, text in texts]
     groups = [encoded[i * batch : (i + 1) * batch] for i in range(args.prompts)]
     K = args.k
+    make_compare = load_compare(args.compare) if args.compare else None
+
+    def controller(mode: str):
+        return make_compare(8, K) if mode == "compare" else FallbackController(initial_lookahead=K)
 
     def run(mode: str, group: list[list[int]], max_tokens: int, stats=None):
         mode = "plain" if mode == "plain again" else mode  # the A/A control: plain, timed again
@@ -208,18 +238,17 @@ def child(args) -> dict:
                 return batched_plain_decode(group, target, max_tokens)
             if mode == "fixed":
                 return batched_speculative_decode(group, draft, target, max_tokens, lookahead=K, stats=stats)
-            return batched_fallback_decode(group, draft, target, FallbackController(initial_lookahead=K),
-                                           max_tokens, stats=stats)
+            return batched_fallback_decode(group, draft, target, controller(mode), max_tokens, stats=stats)
         prompt = mx.array(group[0], dtype=mx.int32)
         if mode == "plain":
             return [list(generate_tokens(target, prompt, max_tokens))]
         decoder = SpeculativeDecoder(draft, target, lookahead=K)
         if mode == "fixed":
             return [[t for t, _ in speculative_generate(decoder, prompt, max_tokens, stats=stats)]]
-        return [[t for t, _ in fallback_generate(decoder, FallbackController(initial_lookahead=K), prompt,
-                                                 max_tokens, stats=stats)]]
+        return [[t for t, _ in fallback_generate(decoder, controller(mode), prompt, max_tokens, stats=stats)]]
 
-    modes = ["plain", "fixed", "fallback"] + (["plain again"] if args.control else [])
+    modes = ["plain", "fixed", "fallback"] + (["plain again"] if args.control else []) + (
+        ["compare"] if args.compare else [])
     for mode in modes:  # warm-up: kernels, allocator caches
         run(mode, groups[0], 16)
     rows, orders = [], williams_orders(len(modes))
@@ -240,6 +269,7 @@ def child(args) -> dict:
             "fixed": plain_s / statistics.median(times["fixed"]),
             "fallback": plain_s / statistics.median(times["fallback"]),
             "control": plain_s / statistics.median(times["plain again"]) if args.control else None,
+            "compare": plain_s / statistics.median(times["compare"]) if args.compare else None,
             "alpha_fixed": stats["fixed"].alpha_estimate,
             "acceptance_fixed": stats["fixed"].acceptance_rate,
             "plain_rounds_fallback": sum(k == 0 for k in fb.lookahead_per_round) / max(fb.rounds, 1),
@@ -248,7 +278,8 @@ def child(args) -> dict:
         })
         print(f"  [{regime}] prompt {g + 1}/{len(groups)}: fixed {rows[-1]['fixed']:.2f}x, "
               f"controller {rows[-1]['fallback']:.2f}x"
-              + (f", A/A {rows[-1]['control']:.2f}x" if args.control else ""), file=sys.stderr, flush=True)
+              + (f", A/A {rows[-1]['control']:.2f}x" if args.control else "")
+              + (f", compare {rows[-1]['compare']:.2f}x" if args.compare else ""), file=sys.stderr, flush=True)
 
     # Peak memory, plain vs speculative (the seed's "< 2x baseline usage").
     draft_bytes = 0 if draft is target else sum(v.nbytes for _, v in tree_flatten(draft.parameters()))
@@ -262,6 +293,8 @@ def child(args) -> dict:
     median = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
     pooled = {m: [t for r in rows for t in r["seconds"][m]] for m in modes}
     paired = {m: paired_ratio(pooled["plain"], pooled[m]) for m in modes[1:]}
+    if args.compare:  # the shipped controller against the compared one, paired within each repeat
+        paired["fallback vs compare"] = paired_ratio(pooled["compare"], pooled["fallback"])
     return {
         "regime": regime,
         "blas": blas_info()["blas"],
@@ -301,7 +334,7 @@ def parent(args) -> int:
         command = [sys.executable, __file__, "--child", regime, "--prompts", str(args.prompts),
                    "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats), "--k", str(args.k)]
         command += ["--control"] if args.control else []
-        command += ["--skip", str(args.skip)]
+        command += ["--skip", str(args.skip)] + (["--compare", args.compare] if args.compare else [])
         done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
         results.append(json.loads(done.stdout))
     if args.save:
@@ -328,8 +361,10 @@ def parent(args) -> int:
               + (f" {r['control']:>5.2f}x" if args.control else ""))
     print(f"# paired: plain / mode seconds within each repeat, geometric mean over "
           f"{args.prompts} x {args.repeats} pairs [95 % t interval]")
-    shown = ["fixed", "fallback"] + (["plain again"] if args.control else [])
-    names = {"fixed": "fixed K", "fallback": "controller", "plain again": "A/A"}
+    shown = ["fixed", "fallback"] + (["plain again"] if args.control else []) + (
+        ["compare", "fallback vs compare"] if args.compare else [])
+    names = {"fixed": "fixed K", "fallback": "controller", "plain again": "A/A", "compare": "compare",
+             "fallback vs compare": "controller/compare"}
     print(f"{'regime':<10} " + " ".join(f"{names[m]:>20}" for m in shown))
     for r in results:
         cells = [r["paired"][m] for m in shown]
@@ -351,6 +386,8 @@ def main() -> int:
     p.add_argument("--save", metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--control", action="store_true",
                    help="also time plain decoding a second time (an A/A ratio: this machine's noise floor)")
+    p.add_argument("--compare", metavar="FILE",
+                   help="also run make_controller(max_lookahead, initial_lookahead) from FILE, interleaved")
     p.add_argument("--child", choices=REGIMES + EXTRA_REGIMES, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

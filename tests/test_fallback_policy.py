@@ -139,6 +139,71 @@ def test_probe_wait_prices_the_probe_at_the_capped_k():
 
 
 
+# The early rounds (refinements before MIN_ROUNDS counts) ---------------------------------------------
+# A batch of 8 on a CPU: c = 0.1, v(4) = 2.1 plain steps measured; the line through (0, 1) and
+# (4, 2.1) is v(K) = 1 + 0.275 K.
+EARLY_COSTS = dict(plain=[0.01] * 2, draft=[(4, 0.004)], verify=[(4, 0.021)], initial_lookahead=4)
+
+
+def test_early_lookahead_prices_an_unmeasured_k_by_the_line():
+    c = controller_with(REF, rounds=[(4, (0,))], **EARLY_COSTS)
+    assert c.measured_verify() == pytest.approx({4: 2.1}), "measured_verify: {K: mean seconds / s}"
+    assert c.verify_cost(1) == pytest.approx(2.1), (
+        "verify_cost keeps measured beats fitted: below a measured K, that K's v is an upper bound"
+    )
+    E = REF.theory.expected_tokens_per_round
+    want = {k: E(0.5, k) / (0.1 * k + (2.1 if k == 4 else 1 + 0.275 * k)) for k in range(1, 5)}
+    k, g = c.early_lookahead(0.5)
+    assert (k, g) == (1, pytest.approx(want[1])), (
+        f"early_lookahead(1/2) = {(k, g)}: the goodput at alpha = 1/2 with v(4) = 2.1 measured and "
+        f"every smaller K priced by the line, v(K) = 1 + 0.275 K, is "
+        f"{ {k: round(g, 3) for k, g in want.items()} }: expected K = 1, G = {want[1]:.3f} ({CHAPTER})"
+    )
+    assert c.refinements() == 1, (
+        "before MIN_ROUNDS counts, one round with nothing accepted steps K down to the generous "
+        "reading's best K (G(1) = 1.09 >= 1) instead of ending speculation"
+    )
+
+
+def test_an_early_round_leaves_when_even_the_generous_reading_loses():
+    c = controller_with(REF, rounds=[(4, (0,)), (1, (0,))], plain=[0.01] * 2,
+                        draft=[(4, 0.004), (1, 0.001)], verify=[(4, 0.021), (1, 0.016)])
+    assert c.early_lookahead(1 / 3)[1] < 1.0
+    assert c.refinements() is None, (
+        "alpha = (0 + 1) / (2 + 1) = 1/3 and K = 1 measured at 1.6 plain steps: every K loses even "
+        "read generously (G(1) = 0.78), so `refinements()` returns None and decide's own rule "
+        f"leaves ({CHAPTER})"
+    )
+
+
+def test_a_lucky_early_round_never_raises_k():
+    c = controller_with(REF, rounds=[(4, (4,))], plain=[0.01] * 2, draft=[(4, 0.004)], verify=[(4, 0.014)],
+                        max_lookahead=8, initial_lookahead=4)
+    assert c.best_lookahead(alpha=1.0)[0] == 8
+    got = c.refinements()
+    assert got == 4, (
+        f"one round, every draft accepted: the generous alpha is 1 and K = 8 would look best, but "
+        f"one round must not raise K: the early rule picks K <= min(initial_lookahead, cap) = 4; "
+        f"got {got} ({CHAPTER})"
+    )
+
+
+def test_the_early_rule_ends_at_min_rounds_counts():
+    rounds = [(4, (2,))] * (fallback_policy.MIN_ROUNDS - 1)  # 6 of 9 trials accepted
+    c = controller_with(REF, rounds=rounds, **EARLY_COSTS)
+    want = c.early_lookahead((6 + 1) / (9 + 1))[0]
+    assert c.refinements() == want, (
+        f"MIN_ROUNDS - 1 counts: still the early rule, K = early_lookahead(7/10)'s {want}"
+    )
+    c = controller_with(REF, rounds=rounds + [(4, (2,))], **EARLY_COSTS)
+    assert c.refinements() is None, (
+        "with MIN_ROUNDS counts of evidence alpha is read as it is: refinements() leaves the "
+        "decision to decide"
+    )
+    c = controller_with(REF, rounds=[(4, (0,) * 8)], **EARLY_COSTS)
+    assert c.refinements() is None, "a batched round of 8 rows brings 8 counts (>= MIN_ROUNDS)"
+
+
 # The controller's side of faults ------------------------------------------------------------------
 def test_disable_draft():
     c = REF.fallback.FallbackController()

@@ -15,6 +15,9 @@ compares every round with traces recorded from the reference *before* the move
 
 Re-record only on purpose (a decision is meant to change):
     python tests/test_fallback_replay.py --record
+Re-recorded once on purpose since the move: the early rule (before MIN_ROUNDS counts) now steps
+K down instead of leaving (`ControllerBase.early_lookahead`), which changed 10 controller and 6
+loop scenarios from their first early round on; every other decision replays as recorded.
 """
 
 from __future__ import annotations

@@ -214,8 +214,8 @@ def test_task_2_calibrates_then_speculates(impl, ref, use_ref):
 
     want, _ = brute_force_best(ref, 1.0, 0.1, v_contract, 8)
     assert ks[:3] == [3, 3, 3], (
-        f"until MIN_ROUNDS rounds of evidence, keep initial_lookahead: one lucky or unlucky round "
-        f"must not set K; got {ks}"
+        f"until MIN_ROUNDS rounds of evidence K stays at most initial_lookahead: lucky rounds must "
+        f"not raise it; got {ks}"
     )
     assert ks[-1] == want, f"with enough evidence K is best_lookahead's: expected {want}, got {ks}"
 
@@ -320,11 +320,11 @@ def test_task_2_leaves_below_the_margin_and_probes_with_backoff(impl, use_ref):
         f"alpha = 0 makes every G(K) < 1: the controller must go plain; K per round {ks}"
     )
     assert len(c.rounds) == 0, "leaving speculation clears `rounds` (stale alpha evidence)"
-    assert ks == [4, 0], (
-        "before MIN_ROUNDS counts only a generous alpha, one more accepted trial than observed, "
-        "may end speculation: after 0 of 4 accepted it is 1/2 and G(3) = 1.875 / 1.7 > 1 (below the "
-        "measured K = 4, v(K) is v(4) = 1.4), keep K = 4; "
-        f"after two such rounds it is 1/3 and every G(K) < 1, leave; K per round {ks} ({CHAPTER})"
+    assert len(ks) == 4 and all(0 < k < 4 for k in ks[:-1]), (
+        "before MIN_ROUNDS = 4 counts an unlucky round steps K down instead of leaving: read "
+        "generously (alpha = (0 + 1) / (1 + 1) = 1/2 after the first round, a K not measured yet "
+        "priced by the line, v(K) = 1 + 0.1 K) a smaller K still wins (G(1) = 1.5 / 1.2 > 1); at "
+        f"MIN_ROUNDS counts alpha = 0 and every G(K) < 1: leave; K per round {ks} ({CHAPTER})"
     )
     plain = [c.update(0, 0, None, 0.01) for _ in range(4)]
     assert plain == [0, 0, 0, 4], (
@@ -347,25 +347,31 @@ def test_task_2_leaves_below_the_margin_and_probes_with_backoff(impl, use_ref):
     )
 
 
-def test_task_2_an_early_round_ends_speculation_only_if_a_generous_alpha_loses(impl, use_ref):
+def test_task_2_an_unlucky_early_round_steps_k_down_before_it_leaves(impl, use_ref):
     use_ref(*ESTIMATES)
-    # Costs of a batch of 8 on a CPU: c = 0.1, v(4) = 2.1 plain steps (v(K < 4) = v(4)).
+    # Costs of a batch of 8 on a CPU: c = 0.1, v(4) = 2.1 plain steps measured.
     costs = dict(plain=[0.01] * 2, draft=[(4, 0.004)], verify=[(4, 0.021)], initial_lookahead=4)
-    # 1 of 4 accepted (2 trials): alpha = 1/2 loses (G(4) = 1.94 / 2.5 = 0.78), but the
-    # generous (1 + 1) / (2 + 1) = 2/3 gives G(4) = 2.6 / 2.5 = 1.04: too little evidence to leave.
-    c = controller_with(impl, rounds=[(4, (1,))], **costs)
-    assert c.decide() == 4 and c.speculating, (
-        "one round, 1 of 4 drafts accepted: alpha = 1/2 loses here, but the generous alpha "
-        "(accepted + 1) / (trials + 1) = 2/3 wins (G(4) = 1.04): keep initial_lookahead until "
-        f"MIN_ROUNDS counts are in ({CHAPTER})"
-    )
-    # 0 of 4 accepted (1 trial): even (0 + 1) / (1 + 1) = 1/2 loses: leave now.
+    # 0 of 4 accepted (1 trial): the generous alpha is (0 + 1) / (1 + 1) = 1/2. Priced by the
+    # measured v(4) every K loses (G(3) = 0.78), but K = 1 was not measured: the line through
+    # (0, 1) and (4, 2.1) gives v(1) = 1.275, and G(1) = 1.5 / 1.375 = 1.09 > 1.
     c = controller_with(impl, rounds=[(4, (0,))], **costs)
+    k = c.decide()
+    assert k == 1 and c.speculating, (
+        "one round at K = 4 accepted nothing: too little evidence to leave on. Read generously, "
+        "alpha = (0 + 1) / (1 + 1) = 1/2, and a K not measured yet priced by the line through "
+        "(0, 1): v(1) = 1.275, G(1) = 1.09 > 1, so `refinements()` steps K down to 1 and `decide` "
+        f"returns it; got K = {k} ({CHAPTER})"
+    )
+    # K = 1 measured at 1.6 plain steps, and nothing accepted again: alpha = 1/3 even read
+    # generously, G(1) = 1.33 / 1.7 = 0.78, and every K loses: leave now, before MIN_ROUNDS.
+    c = controller_with(impl, rounds=[(4, (0,)), (1, (0,))], plain=[0.01] * 2,
+                        draft=[(4, 0.004), (1, 0.001)], verify=[(4, 0.021), (1, 0.016)])
     c.until_probe = 0
-    assert c.decide() == 0 and not c.speculating, (
-        "one round, nothing accepted, where a verify costs 2.1 plain steps: even the generous "
-        "alpha 1/2 gives G < 1, so each further round at K = 4 only loses; leave for plain now "
-        f"({CHAPTER})"
+    k = c.decide()
+    assert k == 0 and not c.speculating, (
+        "two rounds, nothing accepted, K = 1 measured at 1.6 plain steps: even the generous alpha "
+        "1/3 gives G < 1 at every K, so each further round only loses; `refinements()` returns "
+        f"None and `decide` leaves for plain now; got K = {k} ({CHAPTER})"
     )
     assert len(c.rounds) == 0 and c.until_probe == max(c.probe_interval, c.probe_wait()), (
         "leaving early is leaving: `rounds` cleared, the next probe max(probe_interval, "

@@ -10,11 +10,12 @@ measured in the chapters (book/src/week4-03-fallback.md, book/src/week4-04-fallb
   - the constructor: its checks and every attribute the estimates and decisions read;
   - the loop-facing members: `lookahead`, `needs_draft_step`, `observe_prefill`,
     `observe_draft_step`, `report`, `disable_draft`, `memory_pressure` (halving the cap);
-  - `verify_cost`: measured beats fitted;
+  - `verify_cost`: measured beats fitted (`measured_verify`: the measured means);
   - `could_win`: could any K win at alpha = 1, and pay for the draft's catch-up on the prompt;
   - `probe_wait`: the probe budget;
   - `refinements`: the rules `decide` applies before its own (a cost verdict that holds off
-    probes; the generous alpha before MIN_ROUNDS counts).
+    probes; before MIN_ROUNDS counts, the generous reading `early_lookahead`: an unlucky
+    first round steps K down rather than ending speculation).
 The loops' helpers: `is_out_of_memory`, `cache_length`, `restore_cache`, `over_memory_limit`,
 `first_draft_step`, `until_eos`, `count_round` (stats), `cannot_roll_back`, `draft_fault`, `drafts_failed`,
 `target_fault`, `commit_failed`, `draft_lost` (single stream and batch), `window_rows`
@@ -176,18 +177,44 @@ class ControllerBase:
         unknown. Never below 1."""
         if k == 0:
             return 1.0
-        s, means = self.step_time(), {}
-        if s:
-            for kr, t in self.verify_times:
-                means.setdefault(kr, []).append(t / s)
+        means = self.measured_verify()
         if k in means:
-            return max(1.0, sum(means[k]) / len(means[k]))
+            return max(1.0, means[k])
         larger = [kr for kr in means if kr > k]
         if larger:  # the nearest larger K measured: an upper bound, never an optimistic guess
-            nearest = means[min(larger)]
-            return max(1.0, sum(nearest) / len(nearest))
+            return max(1.0, means[min(larger)])
         line = self.verify_line()
         return None if line is None else max(1.0, line[0] + line[1] * k)
+
+    def measured_verify(self) -> dict[int, float]:
+        """{K: the mean of seconds / s over the `verify_times` entries with this K}: v(K) where it
+        was measured, in plain steps; empty while s is unknown."""
+        s, times = self.step_time(), {}
+        if s:
+            for kr, t in self.verify_times:
+                times.setdefault(kr, []).append(t / s)
+        return {kr: sum(ts) / len(ts) for kr, ts in times.items()}
+
+    def early_lookahead(self, alpha: float) -> Optional[tuple[int, float]]:
+        """(K, G(K)) maximising `goodput(K, alpha)` over 1 <= K <= min(initial_lookahead, cap),
+        ties to the smaller K, with every K not measured yet priced by the line:
+        v(K) = max(1, a + b K) from `verify_line`, not the larger K's measurement `verify_cost`
+        would use (its G is goodput(K, alpha) * (K c + verify_cost(K)) / (K c + v(K))). The
+        first rounds' reading of the costs is as generous as their reading of alpha. None while
+        the goodput, c or the line is unknown."""
+        c, line = self.draft_cost(), self.verify_line()
+        if c is None or line is None:
+            return None
+        measured, best = self.measured_verify(), None
+        for k in range(1, min(self.initial_lookahead, self.cap) + 1):
+            g = self.goodput(k, alpha)
+            if g is None:
+                return None
+            if k not in measured:  # re-priced: the line instead of a larger K's measurement
+                g *= (k * c + self.verify_cost(k)) / (k * c + max(1.0, line[0] + line[1] * k))
+            if best is None or g > best[1]:
+                best = (k, g)
+        return best
 
     def could_win(self) -> bool:
         """Could any K beat plain by the margin with a perfect draft (alpha = 1)?
@@ -244,11 +271,14 @@ class ControllerBase:
             verdict near the margin that flips back on that drift would only buy probes that
             lose); `rounds` cleared. Returns 0.
           - speculating with some but fewer than MIN_ROUNDS counts (a round counts once per count
-            it reported): one early round must not set K, so keep min(initial_lookahead, cap) —
-            unless even a generous alpha loses: with `accepted` and `trials` summed over `rounds`
-            as `alpha` counts them, best_lookahead(alpha=(accepted + 1) / (trials + 1)) (one more
-            accepted trial than observed) gives G < 1. Then (or while that is unknown) None:
-            G* <= the generous G < 1, and `decide`'s own rule leaves for plain mode.
+            it reported): too little evidence to leave on, or to set K from. Read it generously,
+            on alpha and on cost: with `accepted` and `trials` summed over `rounds` as `alpha`
+            counts them, (K, G) = early_lookahead((accepted + 1) / (trials + 1)) (one more
+            accepted trial than observed; a K not measured yet priced by the line). G >= 1:
+            that K (an unlucky round steps K down instead of ending speculation; never above
+            min(initial_lookahead, cap)). G < 1 (or unknown): None, and `decide`'s own rules
+            go on: its G* reads a smaller alpha and costs no lower, so up to the initial K it
+            is below 1 too, and it leaves for plain mode.
         """
         if not self.could_win():
             self.speculating = self.probing = False
@@ -260,9 +290,9 @@ class ControllerBase:
             # where a round costs more than two plain steps each of them is a loss.)
             accepted = sum(sum(counts) for _, counts in self.rounds)
             trials = accepted + sum(n < k for k, counts in self.rounds for n in counts)
-            generous = self.best_lookahead(alpha=(accepted + 1) / (trials + 1))
-            if generous is not None and generous[1] >= 1.0:
-                return min(self.initial_lookahead, self.cap)
+            early = self.early_lookahead((accepted + 1) / (trials + 1))
+            if early is not None and early[1] >= 1.0:
+                return early[0]
         return None
 
 
