@@ -11,10 +11,11 @@ What this does
    alone) and the final hidden state, from which the target's next-token law is recomputed
    per batch (cheaper than storing V = 4096 probabilities per token).
 3. Variants (``--variants``), each ``name:taps:unroll``, trained on the same windows in the same
-   seeded order for the same steps: by default ``lmh-u3`` (layers 2, 4, 6; U = 3 unrolled
-   steps, losses weighted 1, 0.8, 0.64), ``lmh-u1`` (same features, U = 1: plain teacher
-   forcing) and ``last-u3`` (the final hidden state only; U = 3). ``eagle_loss`` of the
-   reference solution, AdamW, linear warmup + cosine decay.
+   seeded order for the same steps: by default ``lmh-u3`` (layers 2, 4, 6 — low, middle, high;
+   U = 3 unrolled steps, losses weighted 1, 0.8, 0.64) and ``lmh-u1`` (same features, U = 1:
+   plain teacher forcing). ``last-u3::3`` adds a drafter on the final hidden state alone (not
+   in the default run: CPU time on the shared machine). ``eagle_loss`` of the reference
+   solution, AdamW, linear warmup + cosine decay.
 4. Held-out evaluation before training and every ``--eval-every`` steps: top-1 agreement of
    unrolled step u (u = 1..4) with the target's greedy token — the greedy acceptance of the
    u-th draft when the earlier ones were right (an estimate: decoding itself is measured by
@@ -24,9 +25,9 @@ What this does
    config.json, training_log.json (every variant's losses and evaluations). The others go to
    ``--out/variants/NAME`` only with ``--keep-variants`` (the bench needs them; not shipped).
 
-``--bench`` measures on 8 held-out prompts, greedy, interleaved per prompt: plain, the draft
-model K=4, Medusa [1, 1, 1], and EAGLE K=3 and K=4 for the shipped drafter and for each kept
-variant: identical-to-plain, per-position acceptance, mean accepted per round, draft and
+``--bench`` measures on 8 held-out prompts, greedy, interleaved per prompt: plain (twice: an
+A/A control), the draft model K=4, Medusa [1, 1, 1], and EAGLE K=4 for each kept variant (K=3
+too for the shipped one): identical-to-plain, per-position acceptance, mean accepted per round, draft and
 verify ms per round, tokens/s median and IQR. It writes ``--out/bench.json``.
 
 Reproduce (CPU, float32, one BLAS thread; the machine was shared: times are noisy)::
@@ -192,9 +193,10 @@ def bench(a) -> None:
     _, val_win = token_windows(Path(resolve_model_path("tiny-code")) / "tokenizer.json", 64,
                                train=False)
     picks = val_win[np.linspace(0, len(val_win) - 1, a.prompts).astype(int)][:, :48]
-    drafters = {"eagle": EagleDrafter(target, load_eagle(a.out, target))}
-    for path in sorted((Path(a.out) / "variants").glob("*")):
-        drafters[f"eagle {path.name}"] = EagleDrafter(target, load_eagle(path, target))
+    shipped = json.loads((Path(a.out) / "config.json").read_text()).get("variant", "shipped")
+    paths = {path.name: path for path in sorted((Path(a.out) / "variants").glob("*"))}
+    paths = paths or {shipped: Path(a.out)}
+    drafters = {name: EagleDrafter(target, load_eagle(path, target)) for name, path in paths.items()}
 
     def eagle_run(drafter, k):
         return lambda p, s: speculative_generate(
@@ -202,14 +204,15 @@ def bench(a) -> None:
 
     runs = {
         "plain": lambda p, s: generate_tokens(target, mx.array(p), a.max_tokens),
+        "plain (A/A)": lambda p, s: generate_tokens(target, mx.array(p), a.max_tokens),
         "draft model K=4": lambda p, s: speculative_generate(
             SpeculativeDecoder(draft, target, lookahead=4), mx.array(p), a.max_tokens, stats=s),
         "medusa [1, 1, 1]": lambda p, s: medusa_generate(target, heads, p, a.max_tokens, stats=s,
                                                          widths=[1, 1, 1]),
     }
     for name, drafter in drafters.items():
-        for k in (3, 4) if name == "eagle" else (4,):
-            runs[f"{name} K={k}"] = eagle_run(drafter, k)
+        for k in (3, 4) if name == shipped else (4,):
+            runs[f"eagle {name} K={k}"] = eagle_run(drafter, k)
     names = list(runs)
     seconds = {name: [] for name in runs}
     stats = {name: SpecStats() for name in runs}
@@ -255,11 +258,11 @@ def bench(a) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=EAGLE_DRAFTER)
-    p.add_argument("--variants", default="lmh-u3:2-4-6:3,lmh-u1:2-4-6:1,last-u3::3",
+    p.add_argument("--variants", default="lmh-u3:2-4-6:3,lmh-u1:2-4-6:1",
                    help="comma-separated name:taps:unroll (taps like 2-4-6; empty = last only)")
     p.add_argument("--keep-variants", action="store_true", help="also save every variant")
     p.add_argument("--context", type=int, default=128)
-    p.add_argument("--windows", type=int, default=768, help="training windows (precomputed)")
+    p.add_argument("--windows", type=int, default=512, help="training windows (precomputed)")
     p.add_argument("--files", type=int, default=300, help="training files to draw windows from")
     p.add_argument("--val-windows", type=int, default=16)
     p.add_argument("--epochs", type=int, default=2)
