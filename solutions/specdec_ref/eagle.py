@@ -83,7 +83,7 @@ class EagleLayer(nn.Module):
 
 
 def eagle_loss(
-    drafter: EagleLayer,
+    drafter: "EagleLayer",
     features: mx.array,
     tokens: mx.array,
     target_logprobs: mx.array,
@@ -121,7 +121,7 @@ def eagle_loss(
 
 
 def eagle_draft(
-    drafter: EagleLayer,
+    drafter: "EagleLayer",
     cache,
     features: mx.array,
     tokens: mx.array,
