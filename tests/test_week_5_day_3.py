@@ -56,8 +56,9 @@ def random_layer(impl, target, taps=(), seed: int = 5):
 
 
 def by_hand(layer, features, embeddings, cache=None):
-    """The layer's definition, spelled out: norm(block(fc([embedding, feature]), causal mask))."""
-    x = layer.fc(mx.concatenate([embeddings, features], axis=-1))
+    """The layer's definition, spelled out: norm(block(fc([embedding, feature]), causal mask)),
+    each input RMS-normed first."""
+    x = layer.fc(mx.concatenate([layer.embed_norm(embeddings), layer.feature_norm(features)], -1))
     return layer.norm(layer.layer(x, create_attention_mask(x, cache), cache=cache))
 
 
@@ -90,8 +91,11 @@ def test_task_1_parts_and_shapes(impl, target):
         assert layer.layer.self_attn.n_heads == target.args.num_attention_heads and \
             layer.layer.self_attn.n_kv_heads == target.args.num_key_value_heads, (
                 f"the layer has the target's head counts; {BOOK}")
-        assert isinstance(layer.norm, nn.RMSNorm) and layer.norm.eps == target.args.rms_norm_eps, (
-            f"norm must be nn.RMSNorm({D}, eps=args.rms_norm_eps); {BOOK}")
+        for name in ("embed_norm", "feature_norm", "norm"):
+            norm = getattr(layer, name, None)
+            assert isinstance(norm, nn.RMSNorm) and norm.weight.shape == (D,) and \
+                norm.eps == target.args.rms_norm_eps, (
+                    f"{name} must be nn.RMSNorm({D}, eps=args.rms_norm_eps); {BOOK}")
 
 
 def test_task_1_forward_is_the_definition(impl, target):
@@ -102,8 +106,9 @@ def test_task_1_forward_is_the_definition(impl, target):
     got = layer(features, embeddings)
     assert got.shape == (2, L, D), f"the output is [B, L, D] = (2, {L}, {D}); got {got.shape}; {BOOK}"
     assert_close(got, by_hand(layer, features, embeddings),
-                 f"the output must be norm(layer(fc(concat([embeddings, features], -1)), causal "
-                 f"mask)): embeddings first, then features; {BOOK}")
+                 f"the output must be norm(layer(fc(concat([embed_norm(embeddings), "
+                 f"feature_norm(features)], -1)), causal mask)): embeddings first, then "
+                 f"features, each normed; {BOOK}")
     cache = KVCache()
     first = layer(features[:1, :4], embeddings[:1, :4], cache=cache)
     rest = layer(features[:1, 4:], embeddings[:1, 4:], cache=cache)

@@ -33,16 +33,20 @@ class EagleLayer(nn.Module):
         as `FeatureModel(target, taps)` keeps them; () means its final-normed hidden state.
 
         Keeps `hidden_size` D, `taps` (a tuple), `num_features` F = max(1, len(taps)) and:
-          fuse   nn.Linear(F * D, D, bias=False) when F > 1, else None (one feature as it is)
-          fc     nn.Linear(2 * D, D, bias=False): [embedding, feature] -> the layer's input
-          layer  one mlx-lm `llama.TransformerBlock` of the target's sizes
-          norm   nn.RMSNorm(D, eps=args.rms_norm_eps)
+          fuse          nn.Linear(F * D, D, bias=False) when F > 1, else None (one feature as is)
+          embed_norm, feature_norm   nn.RMSNorm(D, eps=args.rms_norm_eps) each: the two inputs
+                        on one scale (a target's embeddings can be 100x smaller than its features)
+          fc            nn.Linear(2 * D, D, bias=False): [embedding, feature] -> the layer's input
+          layer         one mlx-lm `llama.TransformerBlock` of the target's sizes
+          norm          nn.RMSNorm(D, eps=args.rms_norm_eps)
         """
         nn.Module.__init__(self)  # not super(): tests graft this method onto your class
         D = int(args.hidden_size)
         self.hidden_size, self.taps = D, tuple(int(j) for j in taps)
         self.num_features = max(1, len(self.taps))
         self.fuse = nn.Linear(self.num_features * D, D, bias=False) if self.num_features > 1 else None
+        self.embed_norm = nn.RMSNorm(D, eps=float(args.rms_norm_eps))
+        self.feature_norm = nn.RMSNorm(D, eps=float(args.rms_norm_eps))
         self.fc = nn.Linear(2 * D, D, bias=False)
         block_args = llama.ModelArgs(
             model_type="llama", hidden_size=D, num_hidden_layers=1,
@@ -74,11 +78,11 @@ class EagleLayer(nn.Module):
         features: float [B, L, D], row i the feature of the position *before* token i (fused
         target features, or the drafter's own earlier outputs). embeddings: float [B, L, D],
         the target's embeddings of the tokens. cache: a KVCache for `layer`, or None.
-        Returns float [B, L, D]: norm(layer(fc(concat([embeddings, features], -1)), causal
-        mask after what the cache holds)) — its guess of each token's own feature, so that
-        lm_head of row i gives the law of the token after token i.
+        Returns float [B, L, D]: norm(layer(fc(concat([embed_norm(embeddings),
+        feature_norm(features)], -1)), causal mask after what the cache holds)) — its guess of
+        each token's own feature, so that lm_head of row i gives the law of the token after i.
         """
-        x = self.fc(mx.concatenate([embeddings, features], axis=-1))
+        x = self.fc(mx.concatenate([self.embed_norm(embeddings), self.feature_norm(features)], -1))
         return self.norm(self.layer(x, attention_mask(x, cache), cache=cache))
 
 

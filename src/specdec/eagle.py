@@ -33,10 +33,12 @@ class EagleLayer(nn.Module):
         as `FeatureModel(target, taps)` keeps them; () means its final-normed hidden state.
 
         Keeps `hidden_size` D, `taps` (a tuple), `num_features` F = max(1, len(taps)) and:
-          fuse   nn.Linear(F * D, D, bias=False) when F > 1, else None (one feature as it is)
-          fc     nn.Linear(2 * D, D, bias=False): [embedding, feature] -> the layer's input
-          layer  one mlx-lm `llama.TransformerBlock` of the target's sizes
-          norm   nn.RMSNorm(D, eps=args.rms_norm_eps)
+          fuse          nn.Linear(F * D, D, bias=False) when F > 1, else None (one feature as is)
+          embed_norm, feature_norm   nn.RMSNorm(D, eps=args.rms_norm_eps) each: the two inputs
+                        on one scale (a target's embeddings can be 100x smaller than its features)
+          fc            nn.Linear(2 * D, D, bias=False): [embedding, feature] -> the layer's input
+          layer         one mlx-lm `llama.TransformerBlock` of the target's sizes
+          norm          nn.RMSNorm(D, eps=args.rms_norm_eps)
         """
         raise NotImplementedError(
             "Week 5 Day 3 Task 1: EagleLayer.__init__ — see book/src/week5-03-eagle.md"
@@ -58,9 +60,9 @@ class EagleLayer(nn.Module):
         features: float [B, L, D], row i the feature of the position *before* token i (fused
         target features, or the drafter's own earlier outputs). embeddings: float [B, L, D],
         the target's embeddings of the tokens. cache: a KVCache for `layer`, or None.
-        Returns float [B, L, D]: norm(layer(fc(concat([embeddings, features], -1)), causal
-        mask after what the cache holds)) — its guess of each token's own feature, so that
-        lm_head of row i gives the law of the token after token i.
+        Returns float [B, L, D]: norm(layer(fc(concat([embed_norm(embeddings),
+        feature_norm(features)], -1)), causal mask after what the cache holds)) — its guess of
+        each token's own feature, so that lm_head of row i gives the law of the token after i.
         """
         raise NotImplementedError(
             "Week 5 Day 3 Task 1: EagleLayer.__call__ — see book/src/week5-03-eagle.md"
