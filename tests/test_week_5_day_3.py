@@ -410,3 +410,28 @@ def test_kit_shipped_drafter_loads(target):
     assert layer.hidden_size == 512 and layer.fc.weight.dtype == mx.float32
     with raises(ValueError, "a drafter for hidden size 512 on a target of hidden size 32", match="512"):
         load_eagle(EAGLE_DRAFTER, target)
+
+
+def test_kit_feature_model_taps_and_log(target):
+    """FeatureModel(taps): the same logits as the model, the taps' outputs, a log by position."""
+    tokens = mx.array(PROMPTS[0] + [8, 20, 13])[None]
+    fm = FeatureModel(target, TAPS)
+    assert_close(fm(tokens), target(tokens), "taps must not change the logits")
+    assert fm.features.shape == (1, 9, 2 * D) and fm.num_features == 2
+    assert_close(fm.features[..., D:], target.model.layers[1](
+        target.model.layers[0](target.model.embed_tokens(tokens), "causal"), "causal"),
+        "tap 2 is the output of layer 2, before the final norm")
+    whole = fm.features[0]
+    cache = make_prompt_cache(target)
+    fm(tokens[:, :5], cache=cache)
+    fm(mx.array([[1, 2, 3]]), cache=cache)  # positions 5..7, then roll them back
+    for c in cache:
+        c.trim(3)
+    fm(tokens[:, 5:], cache=cache)  # positions 5..8 again, the true tokens
+    assert fm.num_known == 9
+    assert_close(fm.known_features(0, 5), whole[:5], "positions of the first call")
+    assert_close(fm.known_features(3, 9), whole[3:], "a call at offset o replaces the log from o")
+    with raises(ValueError, "position 9 was never computed"):
+        fm.known_features(8, 10)
+    with raises(ValueError, "taps must be layer numbers of the model", match="1..2"):
+        FeatureModel(target, (0, 2))
