@@ -26,7 +26,7 @@ What this does
    ``--out/variants/NAME`` only with ``--keep-variants`` (the bench needs them; not shipped).
 
 ``--bench`` measures on 8 held-out prompts, greedy, interleaved per prompt: plain (twice: an
-A/A control), the draft model K=4, Medusa [1, 1, 1], and EAGLE K=4 for each kept variant (K=3
+A/A control), the draft model K=4, Medusa [1, 1, 1], and EAGLE K=4 for each kept variant (K=2
 too for the shipped one): identical-to-plain, per-position acceptance, mean accepted per round, draft and
 verify ms per round, tokens/s median and IQR. It writes ``--out/bench.json``.
 
@@ -211,7 +211,7 @@ def bench(a) -> None:
                                                          widths=[1, 1, 1]),
     }
     for name, drafter in drafters.items():
-        for k in (3, 4) if name == shipped else (4,):
+        for k in (2, 4) if name == shipped else (4,):
             runs[f"eagle {name} K={k}"] = eagle_run(drafter, k)
     names = list(runs)
     seconds = {name: [] for name in runs}
