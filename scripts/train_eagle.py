@@ -162,7 +162,7 @@ def train(a) -> None:
         logs[name] = {"taps": list(fm.taps), "unroll": unroll, "train_seconds": seconds,
                       "train": history, "heldout": evals}
         scores[name] = float(np.mean(evals[-1]["top1_per_step"]))
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+        settings = {k: v for k, v in vars(a).items() if k not in ("out", "bench")}
         meta = dict(target="tiny-code", variant=name,
                     training=dict(settings, unroll=unroll, steps=step, seconds=seconds,
                                   heldout_top1_per_step=evals[-1]["top1_per_step"]))
@@ -171,7 +171,7 @@ def train(a) -> None:
         if name == max(scores, key=scores.get):
             save_eagle(layer, a.out, target.args, **meta)  # the best so far is the shipped one
             log(f"{name} is the best so far (mean held-out top-1 {scores[name]:.4f}): saved {a.out}")
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+    settings = {k: v for k, v in vars(a).items() if k not in ("out", "bench")}
     best = max(scores, key=scores.get)
     (Path(a.out) / "training_log.json").write_text(json.dumps(
         {"settings": settings, "shipped": best, "variants": logs}, indent=0) + "\n")
