@@ -25,7 +25,8 @@ from .sampling import make_probs, sample_token
 
 
 class EagleLayer(nn.Module):
-    """The EAGLE drafter network: fuse, one llama decoder layer, a norm; no head of its own."""
+    """The EAGLE drafter network: fuse, input norms, fc, one llama decoder layer, a norm; the
+    LM head is the target's."""
 
     def __init__(self, args, taps: Sequence[int] = ()):
         """args: the target's model args (hidden_size, num_attention_heads, num_key_value_heads,
