@@ -96,7 +96,7 @@ class FeatureModel:
                     f"(this model has {num_layers} layers)")
         self.hidden: mx.array | None = None
         self.features: mx.array | None = None
-        self.offset = 0  # cache position of the last call's first token
+        self.offset: int | None = 0  # cache position of the last call's first token
         self.calls = 0
         self._log: list[tuple[int, mx.array]] = []  # (first position, features [L, F*D]) per call
 
@@ -115,7 +115,8 @@ class FeatureModel:
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         self.calls += 1
-        self.offset = int(cache[0].offset) if cache else 0
+        offset = getattr(cache[0], "offset", 0) if cache else 0
+        self.offset = offset if isinstance(offset, int) else None  # None: per-row (batch) caches
         if not self.taps:
             self.hidden = self.features = self.model.model(inputs, cache=cache)
         else:
@@ -129,7 +130,7 @@ class FeatureModel:
                     kept.append(h)
             self.hidden = parts.norm(h)
             self.features = mx.concatenate(kept, axis=-1)
-        if self.features.shape[0] == 1:
+        if self.features.shape[0] == 1 and self.offset is not None:
             self._remember(self.offset, self.features[0])
         return self.lm_head(self.hidden)
 
