@@ -435,3 +435,14 @@ def test_kit_feature_model_taps_and_log(target):
         fm.known_features(8, 10)
     with raises(ValueError, "taps must be layer numbers of the model", match="1..2"):
         FeatureModel(target, (0, 2))
+
+
+def test_kit_week4_controller_drives_the_eagle_drafter(ref, target):
+    """Week 4's fallback_generate and its controller drive the reference EagleDrafter unchanged:
+    plain rounds in between leave gaps the feature log fills; the output stays plain greedy."""
+    drafter = ref.eagle.EagleDrafter(target, random_layer(ref, target, TAPS))
+    for prompt in PROMPTS[:2]:
+        controller = ref.fallback.FallbackController(calibration_rounds=1)
+        decoder = ref.drafters.DrafterDecoder(drafter, drafter.target_model, 3)
+        got = [t for t, _ in ref.fallback.fallback_generate(decoder, controller, mx.array(prompt), 30)]
+        assert got == mlx_lm_greedy(target, prompt, 30), "fallback_generate with EAGLE must equal plain"
