@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from specdec.kit.layers import attention_mask, decoder_parts
 from specdec.kit.loading import ASSETS
 
 MEDUSA_HEADS = ASSETS / "tiny-code-medusa"  # the heads trained for the embedded target
+EAGLE_DRAFTER = ASSETS / "tiny-code-eagle"  # the EAGLE drafter trained for the embedded target
 
 
 def lm_head_of(model: Any) -> Callable[[mx.array], mx.array]:
@@ -63,9 +65,18 @@ class FeatureModel:
 
     `layers` is the wrapped model's, so `tree_forward(fm, ...)` scores a tree and keeps its
     hidden states too. `lm_head` is `lm_head_of(model)`.
+
+    taps (EAGLE, Week 5 Day 3): layer numbers j in 1..num_layers whose outputs (the residual
+    stream after layer j, before the final norm) are kept too, e.g. (2, 4, 6) for low, middle
+    and high features. The forward then runs the model's public parts one layer at a time
+    (`specdec.kit.layers.decoder_parts`: same operations, same logits) and `fm.features` is
+    their concatenation [B, L, len(taps) * D]; without taps `fm.features` is `fm.hidden`.
+    Every call of one row also logs `features[0]` by cache position (a call at cache offset o
+    replaces what the log held from o on, as the cache itself does), so a drafter can read the
+    target's features of any position it has computed: `known_features(lo, hi)`.
     """
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, taps: Optional[Sequence[int]] = None):
         if isinstance(model, FeatureModel):
             raise ValueError("this model is already a FeatureModel: use it as it is")
         inner = getattr(model, "model", None)
@@ -75,8 +86,19 @@ class FeatureModel:
                 "hidden states need an mlx-lm llama-family model (llama, qwen2, mistral, ...)"
             )
         self.model, self.lm_head = model, lm_head_of(model)
+        self.taps = tuple(int(j) for j in taps) if taps else ()
+        if self.taps:
+            num_layers = len(inner.layers)
+            bad = [j for j in self.taps if not 1 <= j <= num_layers]
+            if bad or list(self.taps) != sorted(set(self.taps)):
+                raise ValueError(
+                    f"taps {list(self.taps)} must be increasing layer numbers in 1..{num_layers} "
+                    f"(this model has {num_layers} layers)")
         self.hidden: mx.array | None = None
+        self.features: mx.array | None = None
+        self.offset: int | None = 0  # cache position of the last call's first token
         self.calls = 0
+        self._log: list[tuple[int, mx.array]] = []  # (first position, features [L, F*D]) per call
 
     @property
     def layers(self):
@@ -86,10 +108,66 @@ class FeatureModel:
     def args(self):
         return self.model.args
 
+    @property
+    def num_features(self) -> int:
+        """F: how many D-wide features `fm.features` concatenates (1 without taps)."""
+        return max(1, len(self.taps))
+
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         self.calls += 1
-        self.hidden = self.model.model(inputs, cache=cache)
+        offset = getattr(cache[0], "offset", 0) if cache else 0
+        self.offset = offset if isinstance(offset, int) else None  # None: per-row (batch) caches
+        if not self.taps:
+            self.hidden = self.features = self.model.model(inputs, cache=cache)
+        else:
+            parts = decoder_parts(self.model)
+            h = parts.embed(inputs)
+            mask = attention_mask(h, cache[0] if cache else None)
+            kept = []
+            for j, layer in enumerate(parts.layers, start=1):
+                h = layer(h, mask, cache=cache[j - 1] if cache else None)
+                if j in self.taps:
+                    kept.append(h)
+            self.hidden = parts.norm(h)
+            self.features = mx.concatenate(kept, axis=-1)
+        if self.features.shape[0] == 1 and self.offset is not None:
+            self._remember(self.offset, self.features[0])
         return self.lm_head(self.hidden)
+
+    def _remember(self, start: int, features: mx.array) -> None:
+        while self._log and self._log[-1][0] >= start:
+            self._log.pop()
+        if self._log:
+            first, old = self._log[-1]
+            if first + old.shape[0] > start:
+                self._log[-1] = (first, old[: start - first])
+        self._log.append((start, features))
+
+    @property
+    def num_known(self) -> int:
+        """Positions 0 .. num_known - 1 have logged features (the end of the last call)."""
+        return self._log[-1][0] + self._log[-1][1].shape[0] if self._log else 0
+
+    def known_features(self, lo: int, hi: int) -> mx.array:
+        """The logged features of positions lo .. hi - 1 of row 0, float [hi - lo, F * D].
+
+        ValueError if a position was never computed (outside 0 .. num_known - 1).
+        """
+        if not 0 <= lo <= hi <= self.num_known:
+            raise ValueError(f"features of positions {lo}..{hi - 1} are not known: the target "
+                             f"has computed positions 0..{self.num_known - 1}")
+        pieces, end = [], hi
+        for first, chunk in reversed(self._log):
+            if end <= lo:
+                break
+            if first < end:
+                start = max(lo, first)
+                pieces.append(chunk[start - first : end - first])
+                end = start
+        if end > lo:
+            raise ValueError(f"features of positions {lo}..{end - 1} were not logged in one row")
+        pieces.reverse()
+        return mx.concatenate(pieces) if pieces else mx.zeros((0, self.num_features * hidden_size_of(self)))
 
 
 def feature_model(model: Any) -> FeatureModel:
@@ -136,3 +214,102 @@ def load_heads(path: str | Path, heads_cls: Callable[[int, int], Any], target: A
     heads.update(tree_unflatten([(k, v.astype(dtype)) for k, v in weights.items()]))
     mx.eval(heads.parameters())
     return heads
+
+
+# An EAGLE drafter on disk (Week 5 Day 3) ----------------------------------------------------------
+_EAGLE_ARGS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+               "rms_norm_eps", "rope_theta", "vocab_size")
+
+
+def save_eagle(layer: Any, path: str | Path, target_args: Any, **config: Any) -> None:
+    """Write an EAGLE drafter (the `EagleLayer` of either tree) to a directory.
+
+    target_args: the model args the layer was built from (the target's). drafter.safetensors
+    holds the weights in float16; config.json holds those sizes (`args`), the target layers the
+    drafter reads (`taps`) and whatever `config` adds (the target's name, training settings).
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.astype(mx.float16) for k, v in tree_flatten(layer.parameters())}
+    mx.save_safetensors(str(path / "drafter.safetensors"), weights)
+    args = {name: getattr(target_args, name, None) for name in _EAGLE_ARGS}
+    args["num_key_value_heads"] = args["num_key_value_heads"] or args["num_attention_heads"]
+    args["rope_theta"] = args["rope_theta"] or 10000.0
+    meta = {"args": args, "taps": list(layer.taps), **config}
+    (path / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def load_eagle(path: str | Path = EAGLE_DRAFTER, target: Any = None, drafter_cls: Any = None,
+               dtype: Any = mx.float32) -> Any:
+    """Build the EAGLE drafter saved in `path` (default: the one trained for the embedded target).
+
+    target: if given, its hidden size must equal the drafter's (ValueError naming both sizes).
+    drafter_cls: the `EagleLayer` class to build (default: the reference's; the student's
+    class loads the same files). dtype: the weights' dtype once loaded (float32: exact math).
+    Wrap it for decoding: `EagleDrafter(target, load_eagle(path, target))`.
+    """
+    from types import SimpleNamespace
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"no EAGLE drafter in {path} (config.json missing): train one with "
+            "`python scripts/train_eagle.py --out DIR`"
+        )
+    config = json.loads((path / "config.json").read_text())
+    args = SimpleNamespace(**config["args"])
+    if target is not None and hidden_size_of(target) != args.hidden_size:
+        raise ValueError(
+            f"the EAGLE drafter in {path} reads hidden size {args.hidden_size}, but the target's "
+            f"hidden size is {hidden_size_of(target)}: load a drafter trained for this target"
+        )
+    if drafter_cls is None:
+        from specdec_ref.eagle import EagleLayer as drafter_cls
+    layer = drafter_cls(args, tuple(config["taps"]))
+    weights = mx.load(str(path / "drafter.safetensors"))
+    layer.update(tree_unflatten([(k, v.astype(dtype)) for k, v in weights.items()]))
+    mx.eval(layer.parameters())
+    return layer
+
+
+class EagleDrafterBase:
+    """`EagleDrafter`'s constructor and `reset` (provided); each tree's `EagleDrafter` adds `draft`.
+
+        drafter = EagleDrafter(target, load_eagle(EAGLE_DRAFTER, target))
+        decoder = DrafterDecoder(drafter, drafter.target_model, lookahead=4)
+
+    Attributes: layer (the EagleLayer), target_model (the `FeatureModel` the decoder must verify
+    with: the drafter reads the features of its calls), vocab_size, cache ([KVCache] of the
+    one layer), tokens (the token of each cache entry, at least as long as the cache), num_true
+    (how many leading cache entries were fed the target's true features).
+    """
+
+    def __init__(self, target_model: Any, layer: Any):
+        """target_model: an mlx-lm llama-family model, or a `FeatureModel` of it with the
+        layer's taps (a bare model is wrapped: `FeatureModel(target_model, layer.taps)`).
+        ValueError, naming both, if a FeatureModel's taps or the hidden size differ from the
+        layer's. vocab_size: the target's. Starts reset.
+        """
+        from specdec.kit.models import model_vocab_size
+
+        fm = target_model
+        if not isinstance(fm, FeatureModel):
+            fm = FeatureModel(target_model, layer.taps)
+        elif fm.taps != tuple(layer.taps):
+            raise ValueError(f"the target's FeatureModel keeps taps {list(fm.taps)} but the "
+                             f"drafter reads taps {list(layer.taps)}: use FeatureModel(model, "
+                             "taps=layer.taps), or pass the bare model")
+        if hidden_size_of(fm) != layer.hidden_size:
+            raise ValueError(f"the drafter's hidden size {layer.hidden_size} != the target's "
+                             f"{hidden_size_of(fm)}: load a drafter trained for this target")
+        self.layer, self.target_model = layer, fm
+        self.vocab_size = model_vocab_size(fm.model)
+        self.reset()
+
+    def reset(self) -> None:
+        """An empty cache and history. Features the target logged before now belong to an
+        earlier text: `calls_at_reset` remembers its call count, so `draft` can tell."""
+        from mlx_lm.models.cache import KVCache
+
+        self.cache, self.tokens, self.num_true = [KVCache()], [], 0
+        self.calls_at_reset = self.target_model.calls

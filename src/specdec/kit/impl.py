@@ -52,6 +52,7 @@ EXERCISE_MODULES = [
     "benchmark",
     "coupling",
     "medusa",
+    "eagle",
     "layerskip",
     "bakeoff",
 ]

@@ -134,6 +134,10 @@ TASKS: tuple = tuple(
     + _tasks(5, 2, "medusa", "week5-02-medusa-heads",
              ("MedusaHeads", "MedusaHeads.__init__", "MedusaHeads.__call__"),
              "medusa_loss", "medusa_tree", "medusa_generate", "medusa_sample_generate")
+    + _tasks(5, 3, "eagle", "week5-03-eagle",
+             ("EagleLayer", "EagleLayer.__init__", "EagleLayer.fuse_features",
+              "EagleLayer.__call__"),
+             "eagle_loss", "eagle_draft", "EagleDrafter.draft")
     + _tasks(5, 4, "layerskip", "week5-04-layer-skipping",
              ("LayerSkipModel", "LayerSkipModel.__init__", "LayerSkipModel.__call__"),
              "greedy_agreement", "choose_layers_to_skip",
