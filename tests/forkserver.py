@@ -16,8 +16,11 @@ line (a negative status -N: killed by signal N). The child runs `pytest.main(arg
 and stderr written to `output`. Jobs run one at a time per server; run several servers for
 parallelism.
 
-Linux only: fork after MLX's import is not safe on macOS (Metal, Objective-C runtime) and Windows
-has no fork, so tests/test_isolation.py starts fresh interpreters there instead.
+The server itself never computes anything: the threads a library may start at import (MLX,
+OpenBLAS) sit idle when it forks, so no child inherits a held lock; tests/test_isolation.py's
+`test_jobs_start_fresh` runs MLX in a forked job to prove it. Linux only: fork after MLX's
+import is not safe on macOS (Metal, Objective-C runtime) and Windows has no fork, so
+tests/test_isolation.py starts fresh interpreters there instead.
 """
 
 from __future__ import annotations

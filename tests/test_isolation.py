@@ -18,7 +18,7 @@ are skipped, saying so, under `--impl student`. The runs go two (or more, on mor
 
 On Linux the fresh processes are forked from tests/forkserver.py, which has imported only
 third-party libraries (pytest, scipy, MLX, mlx-lm, ...) and nothing of the course, so each job
-skips the ~1-2 s of imports every start-up repeats; `test_forked_jobs_start_fresh` checks that a
+skips the ~1-2 s of imports every start-up repeats; `test_jobs_start_fresh` checks that a
 forked job sees no course module. Elsewhere (macOS: fork after MLX's import is unsafe; Windows),
 or with SPECDEC_ISOLATION_FORK=0, each job is a new `python -m pytest` process. Either way a
 failure prints the command that reproduces it.
