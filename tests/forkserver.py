@@ -11,8 +11,8 @@ so it holds every third-party module already and nothing of the course, exactly 
     python tests/forkserver.py          # started by tests/test_isolation.py, cwd = the repository
 
 Protocol: one JSON line per job on stdin, `{"args": [pytest arguments], "output": file}`; the
-server forks, answers the child's pid on a line, waits for it, then answers its exit status on a
-line (a negative status -N: killed by signal N). The child runs `pytest.main(args)` with stdout
+server forks, answers the child's pid on a line, waits for it, then answers a line "STATUS CPU":
+its exit status (a negative status -N: killed by signal N) and its CPU seconds (user + system). The child runs `pytest.main(args)` with stdout
 and stderr written to `output`. Jobs run one at a time per server; run several servers for
 parallelism.
 
@@ -25,6 +25,7 @@ tests/test_isolation.py starts fresh interpreters there instead.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.metadata
 import json
@@ -64,6 +65,8 @@ def preload() -> None:
     stray = course_modules()
     if stray:
         raise SystemExit(f"forkserver: course modules imported before any job: {stray}")
+    gc.collect()
+    gc.freeze()  # the libraries' objects live on: a child's collections need not walk them again
 
 
 def child(args: list, output: str) -> None:
@@ -105,8 +108,8 @@ def serve() -> None:
         if pid == 0:
             child(job["args"], job["output"])
         print(pid, flush=True)
-        _, status = os.waitpid(pid, 0)
-        print(os.waitstatus_to_exitcode(status), flush=True)
+        _, status, usage = os.wait4(pid, 0)
+        print(os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime, flush=True)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,8 @@ class ForkServer:
             raise RuntimeError(f"tests/forkserver.py did not start (said {ready!r}; exit {self.proc.returncode})")
 
     def run(self, args: list) -> tuple:
-        """(exit status, stdout + stderr) of `pytest ARGS` in a fork; a negative status -N: signal N."""
+        """(exit status, stdout + stderr, CPU seconds) of `pytest ARGS` in a fork; a negative
+        status -N: killed by signal N."""
         fd, output = tempfile.mkstemp(".txt", "job-", self.scratch)
         os.close(fd)
         self.proc.stdin.write(json.dumps({"args": args, "output": output}) + "\n")
@@ -113,15 +114,15 @@ class ForkServer:
         timer = threading.Timer(TIMEOUT_S, os.kill, (pid, signal.SIGKILL))
         timer.start()
         try:
-            status = int(self.proc.stdout.readline())
+            status, cpu = self.proc.stdout.readline().split()
         finally:
             timer.cancel()
         with open(output, errors="replace") as f:
             text = f.read()
         os.unlink(output)
-        if status == -signal.SIGKILL:
+        if int(status) == -signal.SIGKILL:
             text = f"timed out after {TIMEOUT_S} s (or killed)\n{text}"
-        return status, text
+        return int(status), text, float(cpu)
 
     def close(self) -> None:
         if self.proc.stdin:
@@ -138,6 +139,7 @@ class Runner:
         self.idle: queue.Queue = queue.Queue()
         self.servers: list = []
         self.lock = threading.Lock()
+        self.forked_cpu = 0.0  # CPU seconds of the forked jobs (the servers reap them, not us)
 
     def _server(self):
         try:
@@ -153,9 +155,11 @@ class Runner:
             return _fresh(args, command)
         server = self._server()
         try:
-            status, output = server.run([*args, "-v", *FAST])
+            status, output, cpu = server.run([*args, "-v", *FAST])
         except (OSError, ValueError):  # the server died: this job (only) in a new interpreter
             return _fresh(args, command)
+        with self.lock:
+            self.forked_cpu += cpu
         self.idle.put(server)
         return Run(command, status, output)
 
@@ -187,14 +191,17 @@ def runs(runner):
     files = sorted({task.test_file for task in TASKS})
     jobs[("collect", None)] = ([*files, "--collect-only", "-qq"], "pytest <every day file> --collect-only -q")
     before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    forked_before = runner.forked_cpu
     with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
         futures = {key: pool.submit(runner, *job) for key, job in jobs.items()}
         results = {key: future.result() for key, future in futures.items()}
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+           + runner.forked_cpu - forked_before)
     how = "forked from fork servers" if runner.fork else "fresh interpreters"
     print(f"\nisolation: {len(jobs)} pytest runs ({how}), {WORKERS} at a time: "
-          f"{time.perf_counter() - start:.0f} s wall, {cpu:.0f} s CPU")  # shown with -s
+          f"{time.perf_counter() - start:.0f} s wall, {cpu:.0f} s CPU (jobs; the servers' start-up "
+          "not counted)")  # shown with -s
     return results
 
 
