@@ -111,12 +111,14 @@ def use_ref(impl, ref, monkeypatch):
     def patch(*dotted: str) -> None:
         if impl.name == "ref":
             return
+        modules = tree_modules(impl)
         for path in dotted:
             module_name, *attrs = path.split(".")
             parent, ref_parent = impl.module(module_name), ref.module(module_name)
             for attr in attrs[:-1]:
                 parent, ref_parent = getattr(parent, attr), getattr(ref_parent, attr)
-            replace_everywhere(monkeypatch, impl, path, inspect.getattr_static(ref_parent, attrs[-1]))
+            replacement = inspect.getattr_static(ref_parent, attrs[-1])
+            replace_everywhere(monkeypatch, impl, path, replacement, modules)
 
     return patch
 

@@ -5,16 +5,16 @@ cached first. A new interpreter gives that, but spends most of its ~2.5 s on imp
 third-party libraries every time (pytest, scipy.stats, MLX, mlx-lm and transformers). This server
 imports ONLY those libraries, never the course (`specdec`, `specdec_ref`, `conftest`, `support`, a
 test file), and then forks one child per job: the child starts from the server's pristine memory,
-so it holds every third-party module already and nothing of the course, exactly as a fresh
-`python -m pytest` would after its imports.
+so it holds every third-party module already and, as in a fresh `python -m pytest`, nothing of
+the course when pytest starts.
 
     python tests/forkserver.py          # started by tests/test_isolation.py, cwd = the repository
 
-Protocol: one JSON line per job on stdin, `{"args": [pytest arguments], "output": file}`; the
-server forks, answers the child's pid on a line, waits for it, then answers a line "STATUS CPU":
-its exit status (a negative status -N: killed by signal N) and its CPU seconds (user + system). The child runs `pytest.main(args)` with stdout
-and stderr written to `output`. Jobs run one at a time per server; run several servers for
-parallelism.
+Protocol: one JSON line per job on stdin, `{"args": [pytest arguments], "output": file}`; the server
+forks, answers the child's pid on a line, waits for it, then answers a line "STATUS CPU": its exit
+status (a negative status -N: killed by signal N) and its CPU seconds (user + system). The child
+runs `pytest.main(args)` with stdout and stderr written to `output`. Jobs run one at a time per
+server; run several servers for parallelism.
 
 The server itself never computes anything: the threads a library may start at import (MLX,
 OpenBLAS) sit idle when it forks, so no child inherits a held lock; tests/test_isolation.py's

@@ -96,8 +96,9 @@ class ForkServer:
 
     def __init__(self, scratch: str):
         self.scratch = scratch
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py")], cwd=ROOT,
-                                     env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py")],
+                                     cwd=ROOT, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
         ready = self.proc.stdout.readline().strip()
         if ready != "ready":
             self.close()
