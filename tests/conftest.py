@@ -29,7 +29,7 @@ import pytest
 from specdec.kit.impl import EXERCISE_MODULES, get_impl
 from specdec.kit.models import markov_pair, tiny_llama_pair
 from specdec.kit.tasks import TASKS, find_task
-from support import replace_everywhere
+from support import replace_everywhere, tree_modules
 
 
 def pytest_addoption(parser):
@@ -111,12 +111,14 @@ def use_ref(impl, ref, monkeypatch):
     def patch(*dotted: str) -> None:
         if impl.name == "ref":
             return
+        modules = tree_modules(impl)
         for path in dotted:
             module_name, *attrs = path.split(".")
             parent, ref_parent = impl.module(module_name), ref.module(module_name)
             for attr in attrs[:-1]:
                 parent, ref_parent = getattr(parent, attr), getattr(ref_parent, attr)
-            replace_everywhere(monkeypatch, impl, path, inspect.getattr_static(ref_parent, attrs[-1]))
+            replacement = inspect.getattr_static(ref_parent, attrs[-1])
+            replace_everywhere(monkeypatch, impl, path, replacement, modules)
 
     return patch
 
@@ -174,6 +176,7 @@ def _isolate_other_tasks(request, monkeypatch):
         return
     student, reference = get_impl("student"), get_impl("ref")
     calls: list[str] = []
+    modules = tree_modules(student)  # once: nothing is imported while the loop replaces
     for task in TASKS:
         for qualname in task.functions:
             dotted = f"{task.module}.{qualname}"
@@ -188,7 +191,7 @@ def _isolate_other_tasks(request, monkeypatch):
             else:
                 raw = inspect.getattr_static(student_parent, attr)
                 replacement = _raiser(raw, own, task, dotted, calls)
-            replace_everywhere(monkeypatch, student, dotted, replacement)
+            replace_everywhere(monkeypatch, student, dotted, replacement, modules)
     yield
     if calls and not getattr(request.node, "_isolation_call_failed", False):  # swallowed: say so
         pytest.fail(

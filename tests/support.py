@@ -31,19 +31,29 @@ def mlx_lm_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
     return [int(token) for token, _ in steps]
 
 
-def replace_everywhere(monkeypatch, impl, dotted: str, replacement) -> None:
+def tree_modules(impl) -> list:
+    """Every module of `impl`'s tree, after importing each exercise module that imports."""
+    for name in EXERCISE_MODULES:
+        if f"{impl.package}.{name}" in sys.modules:
+            continue
+        try:
+            importlib.import_module(f"{impl.package}.{name}")
+        except Exception:  # a student module that does not import yet: its own tests say so
+            pass
+    return [mod for name, mod in list(sys.modules.items()) if name.startswith(impl.package + ".")]
+
+
+def replace_everywhere(monkeypatch, impl, dotted: str, replacement, modules: list | None = None) -> None:
     """Set `module.name` (or `module.Class.method`) of `impl` to `replacement` for this test.
 
     A module-level function is also rebound in every module of the tree that copied it with
     `from .module import name`. Every exercise module that imports is imported first (here, and
     by conftest before any test), so no module imported later can copy the replacement and keep
-    it after the test: monkeypatch undoes all of it.
+    it after the test: monkeypatch undoes all of it. A caller replacing many names in a row
+    passes `modules=tree_modules(impl)`, taken once (sys.modules holds thousands of modules).
     """
-    for name in EXERCISE_MODULES:
-        try:
-            importlib.import_module(f"{impl.package}.{name}")
-        except Exception:  # a student module that does not import yet: its own tests say so
-            pass
+    if modules is None:
+        modules = tree_modules(impl)
     module_name, *attrs = dotted.split(".")
     parent = impl.module(module_name)
     for attr in attrs[:-1]:
@@ -53,8 +63,8 @@ def replace_everywhere(monkeypatch, impl, dotted: str, replacement) -> None:
         return
     original = getattr(parent, attrs[-1])
     monkeypatch.setattr(parent, attrs[-1], replacement)
-    for name, mod in list(sys.modules.items()):
-        if name.startswith(impl.package + ".") and getattr(mod, attrs[-1], None) is original:
+    for mod in modules:
+        if getattr(mod, attrs[-1], None) is original:
             monkeypatch.setattr(mod, attrs[-1], replacement)
 
 
