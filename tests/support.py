@@ -152,6 +152,33 @@ def assert_close(got, want, message: str) -> None:
     )
 
 
+def pooled_chisquare_p(counts, law) -> float:
+    """Chi-square p-value of `counts` (one per token) against the distribution `law`, with every
+    cell expected fewer than 5 times pooled into one cell (chi-square's rule of thumb)."""
+    from scipy.stats import chisquare  # imported here: most test files never need scipy
+
+    counts, law = np.asarray(counts, dtype=np.float64), np.asarray(law, dtype=np.float64)
+    n = counts.sum()
+    keep = law * n >= 5
+    observed = np.append(counts[keep], counts[~keep].sum())
+    expected = np.append(law[keep], law[~keep].sum()) * n
+    return float(chisquare(observed, expected).pvalue)
+
+
+def laws_of_tokens_2_and_3(probs, prompt: list[int], vocab_size: int):
+    """The exact marginal laws of the 2nd and 3rd sampled tokens after `prompt`, by enumeration.
+
+    probs(batch of token lists) -> float64 [B, V], the next-token law after each list. Returns
+    (law2, law3), each renormalised (float32 softmax rows sum to 1 only approximately).
+    """
+    V = vocab_size
+    p1 = probs([prompt])[0]
+    joint12 = p1[:, None] * probs([prompt + [a] for a in range(V)])  # [V, V]
+    p3 = probs([prompt + [a, b] for a in range(V) for b in range(V)]).reshape(V, V, V)
+    law2, law3 = joint12.sum(0), (joint12[..., None] * p3).sum((0, 1))
+    return law2 / law2.sum(), law3 / law3.sum()
+
+
 def logits_atol(expected) -> float:
     """Absolute tolerance for logits computed two ways: 1e-4 on the CPU, 1e-2 of the row's scale
     on a GPU (TF32)."""

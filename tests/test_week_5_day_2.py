@@ -19,12 +19,12 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
-from scipy.stats import chisquare
 
 from specdec.kit.features import MEDUSA_HEADS, FeatureModel, lm_head_of, load_heads
 from specdec.kit.models import _seeded_weights, tiny_llama
 from specdec.kit.stats import SpecStats
-from support import BATCHED_FOUNDATIONS, assert_close, mlx_lm_greedy, raises, tolerance
+from support import (BATCHED_FOUNDATIONS, assert_close, laws_of_tokens_2_and_3, mlx_lm_greedy,
+                     pooled_chisquare_p, raises, tolerance)
 
 BOOK = "see book/src/week5-02-medusa-heads.md"
 PROMPTS = [[3, 9, 2, 7, 11, 4], [5], [60, 1, 33]]
@@ -342,12 +342,7 @@ def test_task_5_sampled_law_is_the_targets(impl, use_ref, target):
     # Exact marginals by enumeration: p(t1), then p(t2 | t1), then p(t3 | t1, t2).
     def probs(batch):
         return np.array(mx.softmax(target(mx.array(batch))[:, -1] / T, axis=-1), dtype=np.float64)
-    p1 = probs([prompt])[0]
-    p2 = probs([prompt + [a] for a in range(V)])  # [V, V]
-    joint12 = p1[:, None] * p2
-    p3 = probs([prompt + [a, b] for a in range(V) for b in range(V)]).reshape(V, V, V)
-    law2, law3 = joint12.sum(0), (joint12[..., None] * p3).sum((0, 1))
-    law2, law3 = law2 / law2.sum(), law3 / law3.sum()  # float32 softmax rows: renormalise
+    law2, law3 = laws_of_tokens_2_and_3(probs, prompt, V)
     counts2, counts3, stats = np.zeros(V), np.zeros(V), SpecStats()
     for key in mx.random.split(mx.random.key(2024), N):
         out = [int(t) for t, _ in impl.medusa.medusa_sample_generate(
@@ -360,10 +355,7 @@ def test_task_5_sampled_law_is_the_targets(impl, use_ref, target):
         "drafts to check anything"
     )
     for name, counts, law in (("token 2", counts2, law2), ("token 3", counts3, law3)):
-        keep = law * N >= 5  # pool cells too small for chi-square
-        observed = np.append(counts[keep], counts[~keep].sum())
-        expected = np.append(law[keep], law[~keep].sum()) * N
-        pvalue = chisquare(observed, expected).pvalue
+        pvalue = pooled_chisquare_p(counts, law)
         assert pvalue > 1e-3, (
             f"{name} of {N} seeded samples at T = {T} is not distributed as the target's "
             f"(chi-square p = {pvalue:.1e}). Draw each draft from its head's q = make_probs(head "

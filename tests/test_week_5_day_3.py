@@ -21,12 +21,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, make_prompt_cache
-from scipy.stats import chisquare
 
 from specdec.kit.features import EAGLE_DRAFTER, FeatureModel, lm_head_of, load_eagle
 from specdec.kit.models import tiny_llama
 from specdec.kit.stats import SpecStats
-from support import BATCHED_FOUNDATIONS, assert_close, mlx_lm_greedy, raises
+from support import (BATCHED_FOUNDATIONS, assert_close, laws_of_tokens_2_and_3, mlx_lm_greedy,
+                     pooled_chisquare_p, raises)
 
 BOOK = "see book/src/week5-03-eagle.md"
 PROMPTS = [[3, 9, 2, 7, 11, 4], [5], [60, 1, 33]]
@@ -378,11 +378,7 @@ def test_task_4_sampled_law_is_the_targets(impl, use_ref, ref, target):
     def probs(batch):
         return np.array(mx.softmax(target(mx.array(batch))[:, -1] / T, axis=-1), dtype=np.float64)
 
-    p1 = probs([prompt])[0]
-    joint12 = p1[:, None] * probs([prompt + [a] for a in range(V)])
-    p3 = probs([prompt + [a, b] for a in range(V) for b in range(V)]).reshape(V, V, V)
-    law2, law3 = joint12.sum(0), (joint12[..., None] * p3).sum((0, 1))
-    law2, law3 = law2 / law2.sum(), law3 / law3.sum()
+    law2, law3 = laws_of_tokens_2_and_3(probs, prompt, V)
     counts2, counts3, stats = np.zeros(V), np.zeros(V), SpecStats()
     decoder = ref.drafters.DrafterDecoder(drafter, drafter.target_model, 3)
     for key in mx.random.split(mx.random.key(2024), N):
@@ -393,10 +389,7 @@ def test_task_4_sampled_law_is_the_targets(impl, use_ref, ref, target):
     assert stats.accepted > 0.02 * stats.drafted, (
         f"acceptance {stats.accepted}/{stats.drafted}: this test needs accepted drafts")
     for name, counts, law in (("token 2", counts2, law2), ("token 3", counts3, law3)):
-        keep = law * N >= 5  # pool cells too small for chi-square
-        observed = np.append(counts[keep], counts[~keep].sum())
-        expected = np.append(law[keep], law[~keep].sum()) * N
-        pvalue = chisquare(observed, expected).pvalue
+        pvalue = pooled_chisquare_p(counts, law)
         assert pvalue > 1e-3, (
             f"{name} of {N} seeded samples at T = {T} is not distributed as the target's "
             f"(chi-square p = {pvalue:.1e}): draw the drafts with the key you are given and "
