@@ -175,19 +175,38 @@ def feature_model(model: Any) -> FeatureModel:
     return model if isinstance(model, FeatureModel) else FeatureModel(model)
 
 
-# Heads on disk ----------------------------------------------------------------------------------
+# Weights on disk: Medusa heads and EAGLE drafters ----------------------------------------------
+def _save(module: Any, path: Path, weights_file: str, meta: dict) -> None:
+    """`module`'s weights in float16 to path/weights_file, `meta` to path/config.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.astype(mx.float16) for k, v in tree_flatten(module.parameters())}
+    mx.save_safetensors(str(path / weights_file), weights)
+    (path / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def _read_config(path: Path, missing: str) -> dict:
+    """path/config.json, or FileNotFoundError saying `missing` (what is absent and how to make it)."""
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no {missing}")
+    return json.loads((path / "config.json").read_text())
+
+
+def _load_weights(module: Any, file: Path, dtype: Any) -> Any:
+    """`module` with the weights of `file`, cast to `dtype` and evaluated."""
+    weights = mx.load(str(file))
+    module.update(tree_unflatten([(k, v.astype(dtype)) for k, v in weights.items()]))
+    mx.eval(module.parameters())
+    return module
+
+
 def save_heads(heads: Any, path: str | Path, **config: Any) -> None:
     """Write `heads` (an nn.Module with `hidden_size` and `num_heads`) to a directory.
 
     heads.safetensors holds the weights in float16; config.json holds hidden_size, num_heads
     and whatever `config` adds (the target's name, the training settings).
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.astype(mx.float16) for k, v in tree_flatten(heads.parameters())}
-    mx.save_safetensors(str(path / "heads.safetensors"), weights)
     meta = {"hidden_size": int(heads.hidden_size), "num_heads": int(heads.num_heads), **config}
-    (path / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
+    _save(heads, Path(path), "heads.safetensors", meta)
 
 
 def load_heads(path: str | Path, heads_cls: Callable[[int, int], Any], target: Any = None,
@@ -198,22 +217,15 @@ def load_heads(path: str | Path, heads_cls: Callable[[int, int], Any], target: A
     dtype: the weights' dtype once loaded (float32 by default: exact math on the CPU).
     """
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"no Medusa heads in {path} (config.json missing): train them with "
-            "`python scripts/train_heads.py --out DIR`"
-        )
-    config = json.loads((path / "config.json").read_text())
+    config = _read_config(path, f"Medusa heads in {path} (config.json missing): train them with "
+                                "`python scripts/train_heads.py --out DIR`")
     if target is not None and hidden_size_of(target) != config["hidden_size"]:
         raise ValueError(
             f"the heads in {path} read hidden size {config['hidden_size']}, but the target's "
             f"hidden size is {hidden_size_of(target)}: load heads trained for this target"
         )
     heads = heads_cls(config["hidden_size"], config["num_heads"])
-    weights = mx.load(str(path / "heads.safetensors"))
-    heads.update(tree_unflatten([(k, v.astype(dtype)) for k, v in weights.items()]))
-    mx.eval(heads.parameters())
-    return heads
+    return _load_weights(heads, path / "heads.safetensors", dtype)
 
 
 # An EAGLE drafter on disk (Week 5 Day 3) ----------------------------------------------------------
@@ -228,15 +240,11 @@ def save_eagle(layer: Any, path: str | Path, target_args: Any, **config: Any) ->
     holds the weights in float16; config.json holds those sizes (`args`), the target layers the
     drafter reads (`taps`) and whatever `config` adds (the target's name, training settings).
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.astype(mx.float16) for k, v in tree_flatten(layer.parameters())}
-    mx.save_safetensors(str(path / "drafter.safetensors"), weights)
     args = {name: getattr(target_args, name, None) for name in _EAGLE_ARGS}
     args["num_key_value_heads"] = args["num_key_value_heads"] or args["num_attention_heads"]
     args["rope_theta"] = args["rope_theta"] or 10000.0
     meta = {"args": args, "taps": list(layer.taps), **config}
-    (path / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
+    _save(layer, Path(path), "drafter.safetensors", meta)
 
 
 def load_eagle(path: str | Path = EAGLE_DRAFTER, target: Any = None, drafter_cls: Any = None,
@@ -251,12 +259,8 @@ def load_eagle(path: str | Path = EAGLE_DRAFTER, target: Any = None, drafter_cls
     from types import SimpleNamespace
 
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"no EAGLE drafter in {path} (config.json missing): train one with "
-            "`python scripts/train_eagle.py --out DIR`"
-        )
-    config = json.loads((path / "config.json").read_text())
+    config = _read_config(path, f"EAGLE drafter in {path} (config.json missing): train one with "
+                                "`python scripts/train_eagle.py --out DIR`")
     args = SimpleNamespace(**config["args"])
     if target is not None and hidden_size_of(target) != args.hidden_size:
         raise ValueError(
@@ -265,11 +269,7 @@ def load_eagle(path: str | Path = EAGLE_DRAFTER, target: Any = None, drafter_cls
         )
     if drafter_cls is None:
         from specdec_ref.eagle import EagleLayer as drafter_cls
-    layer = drafter_cls(args, tuple(config["taps"]))
-    weights = mx.load(str(path / "drafter.safetensors"))
-    layer.update(tree_unflatten([(k, v.astype(dtype)) for k, v in weights.items()]))
-    mx.eval(layer.parameters())
-    return layer
+    return _load_weights(drafter_cls(args, tuple(config["taps"])), path / "drafter.safetensors", dtype)
 
 
 class EagleDrafterBase:
