@@ -62,7 +62,7 @@ import mlx.optimizers as optim
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
-from train_heads import log, token_windows  # noqa: E402
+from train_heads import accept_at_position, log, time_interleaved, token_windows  # noqa: E402
 
 from specdec.kit.features import EAGLE_DRAFTER, MEDUSA_HEADS, FeatureModel, load_eagle, \
     load_heads, save_eagle  # noqa: E402
@@ -186,7 +186,6 @@ def train(a) -> None:
 
 def bench(a) -> None:
     """Held-out prompts: EAGLE vs plain vs the draft model vs Medusa, interleaved per prompt."""
-    from specdec.kit.stats import SpecStats
     from specdec_ref.draft import SpeculativeDecoder
     from specdec_ref.drafters import DrafterDecoder
     from specdec_ref.eagle import EagleDrafter
@@ -220,20 +219,7 @@ def bench(a) -> None:
     for name, drafter in drafters.items():
         for k in (2, 4) if name == shipped else (4,):
             runs[f"eagle {name} K={k}"] = eagle_run(drafter, k)
-    names = list(runs)
-    seconds = {name: [] for name in runs}
-    stats = {name: SpecStats() for name in runs}
-    same = {name: 0 for name in runs}
-    for name in names:  # warm-up: first calls compile kernels and grow buffers
-        list(runs[name](picks[0].tolist(), SpecStats()))
-    for i, prompt in enumerate(list(picks) * a.repeats):
-        prompt, outs = prompt.tolist(), {}
-        for name in names[i % len(names):] + names[: i % len(names)]:  # rotate the order
-            t = time.perf_counter()
-            outs[name] = [int(x if isinstance(x, int) else x[0]) for x in runs[name](prompt, stats[name])]
-            seconds[name].append(time.perf_counter() - t)
-        for name in names:
-            same[name] += int(outs[name] == outs["plain"]) if i < len(picks) else 0
+    seconds, stats, same = time_interleaved(runs, picks, a.repeats)
     result = {}
     for name in runs:
         st = stats[name]
@@ -247,9 +233,7 @@ def bench(a) -> None:
             row["tokens_per_target_call"] = round(st.emitted / st.rounds, 3)
             row["draft_ms_per_round"] = round(1e3 * st.draft_time_s / st.rounds, 2)
             row["verify_ms_per_round"] = round(1e3 * st.verify_time_s / st.rounds, 2)
-            depth = max(k for k, _ in spec)  # acceptance at position i given earlier ones accepted
-            reached = [[n > i for k, n in spec if n >= i and k > i] for i in range(depth)]
-            row["accept_at_position"] = [round(float(np.mean(r)), 3) if r else None for r in reached]
+            row["accept_at_position"] = accept_at_position(spec)
         result[name] = row
         log(f"{name:22s} {json.dumps(row)}")
     base = result["plain"]["tokens_per_s_median"]

@@ -166,13 +166,40 @@ def train(a) -> None:
     log(f"saved {a.out} ({seconds:.0f}s in all)")
 
 
-def run_(run, prompt, stats):
-    return list(run(prompt, stats))
+def time_interleaved(runs: dict, picks, repeats: int):
+    """Time every run of `runs` ({name: run(prompt, stats) -> token stream}) on every prompt of
+    `picks`, `repeats` passes, after one warm-up call each (first calls compile kernels and grow
+    buffers); the order rotates per prompt. Returns (seconds, stats, same): per run, its seconds
+    per call, its SpecStats, and on how many prompts of the first pass its tokens equal "plain"'s.
+    (Shared with scripts/train_eagle.py.)"""
+    from specdec.kit.stats import SpecStats
+
+    names = list(runs)
+    seconds = {name: [] for name in runs}
+    stats = {name: SpecStats() for name in runs}
+    same = {name: 0 for name in runs}
+    for name in names:
+        list(runs[name](picks[0].tolist(), SpecStats()))
+    for i, prompt in enumerate(list(picks) * repeats):
+        prompt, outs = prompt.tolist(), {}
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            t = time.perf_counter()
+            outs[name] = [int(x if isinstance(x, int) else x[0]) for x in runs[name](prompt, stats[name])]
+            seconds[name].append(time.perf_counter() - t)
+        for name in names:
+            same[name] += int(outs[name] == outs["plain"]) if i < len(picks) else 0
+    return seconds, stats, same
+
+
+def accept_at_position(spec: list) -> list:
+    """Acceptance at draft position i given every earlier draft accepted, from (K, n) rounds."""
+    depth = max(k for k, _ in spec)
+    reached = [[n > i for k, n in spec if n >= i and k > i] for i in range(depth)]
+    return [round(float(np.mean(r)), 3) if r else None for r in reached]
 
 
 def bench(a) -> None:
     """Held-out prompts: Medusa vs plain vs the draft-model path, interleaved per prompt."""
-    from specdec.kit.stats import SpecStats
     from specdec_ref.draft import SpeculativeDecoder
     from specdec_ref.generate import generate_tokens
     from specdec_ref.medusa import medusa_generate
@@ -193,21 +220,7 @@ def bench(a) -> None:
         runs[f"medusa {widths}"] = (lambda w: lambda p, s: medusa_generate(
             target, heads, p, a.max_tokens, stats=s, widths=w))(widths)
     chains = {"draft model K=4", "medusa [1, 1, 1]", "medusa [1, 1, 1, 1]"}
-    names = list(runs)
-    seconds = {name: [] for name in runs}
-    stats = {name: SpecStats() for name in runs}
-    same = {name: 0 for name in runs}
-    for name in names:  # warm-up: first calls compile kernels and grow buffers
-        list(runs[name](picks[0].tolist(), SpecStats()))
-    for i, prompt in enumerate(list(picks) * a.repeats):
-        prompt, outs = prompt.tolist(), {}
-        for name in names[i % len(names):] + names[: i % len(names)]:  # rotate the order
-            t = time.perf_counter()
-            outs[name] = [int(x if isinstance(x, int) else x[0]) for x in run_(runs[name], prompt,
-                                                                          stats[name])]
-            seconds[name].append(time.perf_counter() - t)
-        for name in names:
-            same[name] += int(outs[name] == outs["plain"]) if i < len(picks) else 0
+    seconds, stats, same = time_interleaved(runs, picks, a.repeats)
     result = {}
     for name in runs:
         st = stats[name]
@@ -224,11 +237,8 @@ def bench(a) -> None:
             row["draft_time_share"] = round(st.draft_time_s / max(1e-9, sum(seconds[name])), 3)
             row["draft_ms_per_round"] = round(1e3 * st.draft_time_s / st.rounds, 2)
             row["verify_ms_per_round"] = round(1e3 * st.verify_time_s / st.rounds, 2)
-            if name in chains:  # acceptance at position i given every earlier draft accepted
-                depth = max(k for k, _ in spec)
-                reached = [[n > i for k, n in spec if n >= i and k > i] for i in range(depth)]
-                row["accept_at_position"] = [round(float(np.mean(r)), 3) if r else None
-                                             for r in reached]
+            if name in chains:  # a tree's rounds have no single position i
+                row["accept_at_position"] = accept_at_position(spec)
         result[name] = row
         log(f"{name:22s} {json.dumps(row)}")
     base = result["plain"]["tokens_per_s_median"]
