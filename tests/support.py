@@ -152,6 +152,25 @@ def assert_close(got, want, message: str) -> None:
     )
 
 
+def forced(ref, schedule, **kwargs):
+    """`ref`'s FallbackController forced through `schedule`: K follows it round by round
+    (cycling), whatever the clock says, so a test of a loop never depends on the machine's load;
+    its fault handling stays real (K = 0 once the draft is disabled, at most `cap`)."""
+
+    class Forced(ref.fallback.FallbackController):
+        needs_draft_step = False
+
+        def decide(self):
+            self.i = getattr(self, "i", 0) + 1
+            if not self.draft_ok:
+                return 0
+            return min(schedule[self.i % len(schedule)], self.cap)
+
+    c = Forced(**kwargs)
+    c._lookahead = schedule[0]
+    return c
+
+
 def pooled_chisquare_p(counts, law) -> float:
     """Chi-square p-value of `counts` (one per token) against the distribution `law`, with every
     cell expected fewer than 5 times pooled into one cell (chi-square's rule of thumb)."""

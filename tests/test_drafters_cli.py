@@ -26,7 +26,7 @@ from specdec.kit.impl import get_impl
 from specdec.kit.models import tiny_llama
 from specdec.kit.self_drafters import MedusaDrafter
 from specdec.kit.stats import SpecStats
-from support import mlx_lm_greedy, pooled_chisquare_p, raises
+from support import forced, mlx_lm_greedy, pooled_chisquare_p, raises
 from test_cli import test_bad_input_is_one_error_line_naming_the_value as one_error_line
 
 REF = get_impl("ref")
@@ -84,22 +84,6 @@ def run_cli(capsys, *argv: str) -> str:
     return captured.out
 
 
-def scheduled_controller(schedule):
-    """The reference controller with K following `schedule` round by round (cycling), whatever the
-    clock says: plain rounds (K = 0) between drafting ones, on any machine load."""
-
-    class Scheduled(REF.fallback.FallbackController):
-        needs_draft_step = False
-
-        def decide(self):
-            self.i = getattr(self, "i", 0) + 1
-            return schedule[self.i % len(schedule)]
-
-    controller = Scheduled(max_lookahead=max(schedule), initial_lookahead=schedule[0])
-    controller._lookahead = schedule[0]
-    return controller
-
-
 # The Medusa drafter ------------------------------------------------------------------------------
 @pytest.mark.parametrize("loop", ["speculative", "fallback"])
 def test_medusa_drafter_reads_the_last_verified_hidden_state(target, loop):
@@ -117,7 +101,7 @@ def test_medusa_drafter_reads_the_last_verified_hidden_state(target, loop):
     if loop == "speculative":
         stream = REF.speculative.speculative_generate(decoder, mx.array(PROMPT), max_tokens, stats=stats)
     else:
-        controller = scheduled_controller([3, 0, 0, 2, 3, 0, 1])
+        controller = forced(REF, [3, 0, 0, 2, 3, 0, 1], max_lookahead=3, initial_lookahead=3)
         stream = REF.fallback.fallback_generate(decoder, controller, mx.array(PROMPT), max_tokens,
                                                 stats=stats)
     tokens = [int(t) for t, _ in stream]

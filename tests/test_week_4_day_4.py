@@ -24,7 +24,7 @@ from scipy import stats as scipy_stats
 
 from specdec.kit.models import markov_pair, tiny_llama_pair
 from specdec.kit.stats import SpecStats
-from support import BATCHED_FOUNDATIONS, CallCounter, mlx_lm_greedy, raises
+from support import BATCHED_FOUNDATIONS, CallCounter, forced, mlx_lm_greedy, raises
 
 CHAPTER = "book/src/week4-04-fallback-loops.md"
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
@@ -71,23 +71,6 @@ class ScheduleController:
         self.faults.append("memory")
         self.schedule = [min(k, 1) for k in self.schedule]
         return True
-
-
-def forced(ref, schedule, **kwargs):
-    """The reference controller forced through a schedule (its fault handling stays real)."""
-
-    class Forced(ref.fallback.FallbackController):
-        needs_draft_step = False
-
-        def decide(self):
-            self.i = getattr(self, "i", 0) + 1
-            if not self.draft_ok:
-                return 0
-            return min(schedule[self.i % len(schedule)], self.cap)
-
-    c = Forced(**kwargs)
-    c._lookahead = schedule[0]
-    return c
 
 
 SCHEDULES = [[0, 0, 3, 0, 1, 2, 0, 0, 0, 5], [4, 0, 1], [0]]
