@@ -46,6 +46,7 @@ def prop(max_examples: int):
 # Configs ----------------------------------------------------------------------------------------
 POLICIES = ("threshold", "heuristic", "goodput")
 DRAFTERS = ("model", "ngram", "tree")
+BATCHED_DRAFTERS = kit_config.BATCHED_DRAFTERS  # "model", "layerskip", "medusa", "eagle"
 NAN, INF = float("nan"), float("inf")
 # Values that are wrong for a field whatever the other fields hold.
 INVALID = {
@@ -106,8 +107,10 @@ def valid_configs(draw) -> dict:
     )
     if kwargs["drafter"] == "tree":  # greedy only, fixed depth
         kwargs.update(temperature=0.0, adaptive=None)
-    if kwargs["batch_size"] > 1:  # batched decoding: the model drafter, fixed K
-        kwargs.update(drafter="model", adaptive=None)
+    if kwargs["batch_size"] > 1:  # batched decoding: a drafter that drafts every row, fixed K
+        kwargs.update(adaptive=None)
+        if kwargs["drafter"] not in BATCHED_DRAFTERS:
+            kwargs.update(drafter="model")
     return kwargs
 
 
@@ -192,6 +195,7 @@ CROSS_FIELD = [
     (dict(drafter="tree", temperature=0.7), ["drafter", "temperature"]),
     (dict(drafter="tree", adaptive="heuristic"), ["drafter", "adaptive"]),
     (dict(batch_size=4, drafter="ngram"), ["batch_size", "drafter"]),
+    (dict(batch_size=3, drafter="tree"), ["batch_size", "drafter"]),
     (dict(batch_size=2, adaptive="goodput"), ["batch_size", "adaptive"]),
 ]
 
@@ -207,6 +211,17 @@ def test_the_class_docstring_lists_every_cross_field_rule(impl):
             f"the class docstring's cross-field rules must state the rule that "
             f"SpeculativeConfig({kwargs}) breaks (one item naming {fields}); items: {items}"
         )
+
+
+@pytest.mark.parametrize("drafter", BATCHED_DRAFTERS)
+def test_task_1_every_batched_drafter_may_batch(impl, drafter):
+    try:
+        impl.config.SpeculativeConfig(batch_size=4, drafter=drafter)
+    except impl.config.ConfigError as e:
+        raise AssertionError(
+            f"SpeculativeConfig(batch_size=4, drafter={drafter!r}) is valid: every drafter in "
+            f"BATCHED_DRAFTERS {BATCHED_DRAFTERS} drafts a whole batch ({CHAPTER}, Task 1); got {e}"
+        ) from None
 
 
 @pytest.mark.parametrize("kwargs, fields", CROSS_FIELD)

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from specdec.kit.config import (
     ALLOWED,
     AT_LEAST_ONE,
+    BATCHED_DRAFTERS,
     DEFAULTS,
     DRAFTERS,
     MAX_SEED,
@@ -69,11 +70,12 @@ class SpeculativeConfig(ConfigFields):
       - lower_below <= raise_above (otherwise K would rise and fall at once);
       - min_ngram <= max_ngram;
       - drafter "tree" needs temperature 0 (greedy only) and adaptive None (its depth is fixed);
-      - batch_size > 1 needs drafter "model" and adaptive None (batched decoding, fixed K).
+      - batch_size > 1 needs a drafter in BATCHED_DRAFTERS ("model", "layerskip", "medusa",
+        "eagle": those that draft every row in one batched call) and adaptive None (fixed K).
 
     The fields, their defaults, `__post_init__` (runs `validate`, raises ConfigError), `to_json`
     and `from_json` are provided by `ConfigFields` (`specdec.kit.config`), with the helpers
-    `type_problems`, `range_problems`, `POLICIES`, `DRAFTERS`, `MAX_SEED`, `ALLOWED`, `DEFAULTS`,
+    `type_problems`, `range_problems`, `POLICIES`, `DRAFTERS`, `BATCHED_DRAFTERS`, `MAX_SEED`, `ALLOWED`, `DEFAULTS`,
     `AT_LEAST_ONE`.
     """
 
@@ -122,11 +124,13 @@ class SpeculativeConfig(ConfigFields):
             problems.append(f"drafter 'tree' with adaptive {self.adaptive!r}: the tree's depth "
                             "is fixed; set adaptive=None or use drafter='model'")
         if typed("batch_size", "drafter", "adaptive") and self.batch_size > 1 and (
-            self.drafter != "model" or self.adaptive is not None
+            self.drafter not in BATCHED_DRAFTERS or self.adaptive is not None
         ):
             problems.append(f"batch_size {self.batch_size} with drafter {self.drafter!r} and "
-                            f"adaptive {self.adaptive!r}: batched decoding runs the model drafter "
-                            "with a fixed K; set drafter='model' and adaptive=None, or batch_size=1")
+                            f"adaptive {self.adaptive!r}: batched decoding drafts every row in "
+                            f"one call with a fixed K; set drafter to one of "
+                            f"{', '.join(map(repr, BATCHED_DRAFTERS))} and adaptive=None, or "
+                            "batch_size=1")
         return problems
 
     def to_dict(self) -> dict:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+from specdec.kit.config import BATCHED_DRAFTERS
+
 HeadsSpec = Union[None, str, Path, Any]  # None: the shipped heads; a directory; a loaded module
 
 
@@ -220,31 +222,66 @@ def eagle_parts():
     return None
 
 
-def _eagle(impl, target, draft, lookahead, options):
-    """Week 5 Day 3's API: `EagleDrafter(target, load_eagle(path, target))`, verified with
-    `drafter.target_model` (a FeatureModel with the layer's taps)."""
+def load_eagle_layer(impl, target, path=None):
+    """The EagleLayer of `impl` loaded from `path` (None: the shipped one) for `target`;
+    DrafterError when this install has no EAGLE or the weights do not fit the target."""
     parts = eagle_parts()
     module = getattr(impl, "eagle", None) if parts is not None else None
-    Drafter = getattr(module, "EagleDrafter", None)
-    if Drafter is None:
+    if getattr(module, "EagleDrafter", None) is None:
         raise DrafterError("--drafter eagle is not available in this install (Week 5 Day 3 "
                            "provides it: the kit's load_eagle and eagle.EagleDrafter); use "
                            "--drafter medusa or layerskip")
     load_eagle, default = parts
-    path = options.eagle or default
     try:
-        layer = load_eagle(path, target=target, drafter_cls=getattr(module, "EagleLayer", None))
+        return load_eagle(path or default, target=target, drafter_cls=getattr(module, "EagleLayer", None))
     except FileNotFoundError as e:
-        raise DrafterError(f"--heads {path}: {e}" if options.eagle else str(e)) from None
+        raise DrafterError(f"--heads {path}: {e}" if path else str(e)) from None
     except ValueError as e:
-        shipped = "" if options.eagle else " (the shipped drafter fits the embedded target)"
+        shipped = "" if path else " (the shipped drafter fits the embedded target)"
         raise DrafterError(f"{e}{shipped}; pass --heads DIR with an EAGLE drafter trained for "
                            "this target (scripts/train_eagle.py --out DIR)") from None
+
+
+def _eagle(impl, target, draft, lookahead, options):
+    """Week 5 Day 3's API: `EagleDrafter(target, load_eagle(path, target))`, verified with
+    `drafter.target_model` (a FeatureModel with the layer's taps)."""
     from specdec.kit.features import FeatureModel
 
+    layer = load_eagle_layer(impl, target, options.eagle)
     # A bare target: the drafter wraps it in a FeatureModel with the layer's taps.
-    drafter = Drafter(target.model if isinstance(target, FeatureModel) else target, layer)
+    bare = target.model if isinstance(target, FeatureModel) else target
+    drafter = impl.eagle.EagleDrafter(bare, layer)
     return _wrap(impl, drafter, drafter.target_model, lookahead, "eagle")
+
+
+def batched_draft(impl, name: str, target, draft=None, options: Optional[DrafterOptions] = None):
+    """What drafts for a batch of rows (`--batch`, `specdec serve`): a draft model the batched
+    loops and the scheduler call once per drafted position for every row.
+
+    model: `draft` itself; layerskip: Week 5 Day 4's `LayerSkipModel` of the target; medusa and
+    eagle: a `specdec.kit.self_serving` adapter (`HeadsDraftModel`, `EagleDraftModel`) that
+    reads the features of `adapter.target`, the FeatureModel the scheduler must verify with —
+    run those through `self_serving.self_draft_scheduler`. DrafterError for other names.
+    """
+    from specdec.kit.features import FeatureModel
+
+    options = options or DrafterOptions()
+    bare = target.model if isinstance(target, FeatureModel) else target
+    if name == "model":
+        return draft
+    if name == "layerskip":
+        skip = choose_skip(impl, bare, options.skip_layers, options.calibration)
+        return _part(impl, "layerskip", "LayerSkipModel", "layerskip")(bare, skip)
+    from specdec.kit import self_serving
+
+    if name == "medusa":
+        fm = FeatureModel(bare)
+        return self_serving.HeadsDraftModel(load_medusa_heads(impl, fm, options.heads), fm)
+    if name == "eagle":
+        layer = load_eagle_layer(impl, bare, options.eagle)
+        return self_serving.EagleDraftModel(layer, FeatureModel(bare, layer.taps))
+    raise DrafterError(f"--drafter {name} cannot draft for a batch: its drafts are per sequence; "
+                       f"batch with one of {', '.join(BATCHED_DRAFTERS)}")
 
 
 DRAFTERS: dict[str, DrafterSpec] = {spec.name: spec for spec in (

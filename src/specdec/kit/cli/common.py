@@ -558,19 +558,45 @@ def plain_stream(impl, models: Models, prompt, config, key, eos) -> Iterator[tup
     return ((t, False) for t in tokens)
 
 
+def batched_drafter(impl, models: Models, config):
+    """The draft model of `--batch` for --drafter model|layerskip|medusa|eagle, built once per
+    run (`drafter_registry.batched_draft`; medusa and eagle: a kit/self_serving adapter)."""
+    from specdec.kit.drafter_registry import DrafterError, batched_draft
+
+    cached = getattr(models, "_batched_drafter", None)
+    if cached is not None and cached[0] == config.drafter:
+        return cached[1]
+    try:
+        draft = batched_draft(impl, config.drafter, models.target, models.draft, models.drafter_options)
+    except DrafterError as e:
+        raise CLIError(str(e)) from None
+    models._batched_drafter = (config.drafter, draft)
+    return draft
+
+
 def run_batched(impl, models: Models, token_rows: list[list[int]], config, key, stats, eos,
                 mode: str, controller=None):
     """Batched decoding of `token_rows`. mode: "plain" (greedy), "speculative" (fixed K) or
     "fallback" (K from `controller`, 0 = a plain round)."""
     batch_prompts = [list(row) for row in token_rows]
+    draft = models.draft
+    if mode != "plain" and config.drafter != "model":
+        draft = batched_drafter(impl, models, config)
+        if config.drafter in ("medusa", "eagle"):  # drafts from the target's features
+            from specdec.kit.self_serving import decode_batch
+
+            Scheduler = feature(impl, "serving", "Scheduler", f"--batch with --drafter {config.drafter}")
+            seeds = [config.seed + i for i in range(len(batch_prompts))]
+            return decode_batch(Scheduler, draft, batch_prompts, config.max_tokens, config.lookahead,
+                                config.temperature, seeds, eos, controller, stats)
     if mode == "fallback":
         decode = feature(impl, "fallback", "batched_fallback_decode", "--batch with fallback")
-        return decode(batch_prompts, models.draft, models.target, controller,
+        return decode(batch_prompts, draft, models.target, controller,
                       max_tokens=config.max_tokens, temperature=config.temperature, key=key,
                       eos_token_ids=eos, stats=stats, memory_limit_mb=config.memory_limit_mb)
     if mode == "speculative":
         decode = feature(impl, "batched", "batched_speculative_decode", "--batch")
-        return decode(batch_prompts, models.draft, models.target, config.max_tokens,
+        return decode(batch_prompts, draft, models.target, config.max_tokens,
                       lookahead=config.lookahead, temperature=config.temperature, key=key,
                       eos_token_ids=eos, stats=stats)
     decode = feature(impl, "batched", "batched_plain_decode", "--batch")

@@ -17,11 +17,12 @@ import re
 import sys
 from typing import Optional
 
+from specdec.kit.config import BATCHED_DRAFTERS
 from specdec.kit.drafter_registry import DRAFTER_NAMES
 
 TOY = "toy-llama"
 API_KEY_ENV = "SPECDEC_API_KEY"
-SERVED_DRAFTERS = ("model", "layerskip")  # drafters with a model the batched scheduler can call
+SERVED_DRAFTERS = BATCHED_DRAFTERS  # drafters that draft every row of the batch in one call
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -44,10 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true", help="plain batched decoding (no draft model, K = 0)")
     p.add_argument("--drafter", choices=list(DRAFTER_NAMES), default="model",
                    help="model: the draft model (default); layerskip: the target with layers "
-                        "skipped (Week 5 Day 4), a draft model that needs no weights (--skip-layers). "
-                        "The scheduler drafts for all rows in one batched model call, so the "
-                        "drafters without a model of their own (ngram, tree, medusa, eagle) are "
-                        "refused: `specdec generate|bench --drafter NAME` runs them")
+                        "skipped (Week 5 Day 4, --skip-layers); medusa: heads on the target's "
+                        "hidden state (Week 5 Day 2); eagle: a one-layer drafter on its features "
+                        "(Week 5 Day 3) -- both shipped for the embedded target, or --heads DIR. "
+                        "ngram and tree draft one sequence at a time and are refused: `specdec "
+                        "generate|bench --drafter NAME` runs them")
+    p.add_argument("--heads", default=None, metavar="DIR",
+                   help="--drafter medusa|eagle: the trained weights (default: the ones shipped "
+                        "for the embedded target)")
     p.add_argument("--skip-layers", default="auto", metavar="SPEC",
                    help="--drafter layerskip: layers to skip, e.g. 4 or 3,4; auto (default) skips "
                         "a quarter (at least one), auto:N skips N, chosen by measured agreement")
@@ -121,10 +126,13 @@ def check_args(args) -> list[str]:
         if not value > 0:
             problems.append(f"{flag} {value}: must be > 0 seconds")
     if args.drafter not in SERVED_DRAFTERS and not args.plain:
-        problems.append(f"--drafter {args.drafter}: the server drafts for every row in one batched "
-                        f"call of a draft model, which {args.drafter} does not have; serve with "
-                        "--drafter model or --drafter layerskip, or run `specdec generate|bench "
+        problems.append(f"--drafter {args.drafter}: the server drafts for every row of the batch "
+                        f"in one call, and {args.drafter} drafts one sequence at a time; serve with "
+                        f"--drafter {' | '.join(SERVED_DRAFTERS)}, or run `specdec generate|bench "
                         f"--drafter {args.drafter}` for single streams")
+    if args.heads is not None and args.drafter not in ("medusa", "eagle"):
+        problems.append(f"--heads {args.heads} with --drafter {args.drafter}: trained weights are "
+                        "read by --drafter medusa or eagle")
     if args.skip_layers != "auto" and args.drafter != "layerskip":
         problems.append(f"--skip-layers {args.skip_layers} with --drafter {args.drafter}: layers are "
                         "skipped by --drafter layerskip")
@@ -267,6 +275,35 @@ def layerskip_draft(impl, target, skip_layers: str, codec):
                    f"{len(model.skip) + len(model.kept)} (--skip-layers {skip_layers})")
 
 
+def self_drafter(impl, target, args):
+    """(make(**scheduler settings) -> a scheduler drafting with Medusa heads or EAGLE, a line
+    saying what was loaded). The weights load once; each scheduler gets its own adapter
+    (`specdec.kit.self_serving`). ValueError (a DrafterError) when they do not fit the target."""
+    from specdec.kit.drafter_registry import DrafterOptions, batched_draft
+    from specdec.kit.features import EAGLE_DRAFTER, MEDUSA_HEADS, FeatureModel
+    from specdec.kit.self_serving import EagleDraftModel, HeadsDraftModel, self_draft_scheduler
+
+    if args.target == TOY and args.drafter == "medusa" and args.heads is None:
+        heads = impl.medusa.MedusaHeads(int(target.args.hidden_size), 3)  # untrained: LM-head copies
+        where = "untrained (toy-llama)"
+    else:
+        options = DrafterOptions(heads=args.heads, eagle=args.heads)
+        first = batched_draft(impl, args.drafter, target, options=options)
+        heads = getattr(first, "heads", None) or first.layer
+        where = args.heads or (MEDUSA_HEADS if args.drafter == "medusa" else EAGLE_DRAFTER)
+    Scheduler = self_draft_scheduler(impl.serving.Scheduler)
+
+    def make(**settings):
+        if args.drafter == "medusa":
+            adapter = HeadsDraftModel(heads, FeatureModel(target))
+        else:
+            adapter = EagleDraftModel(heads, FeatureModel(target, heads.taps))
+        return Scheduler(adapter, **settings)
+
+    what = f"{heads.num_heads} Medusa heads" if args.drafter == "medusa" else "the EAGLE drafter"
+    return make, f"drafter {args.drafter}: {what} from {where}"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.api_key is None:
@@ -305,14 +342,23 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"specdec serve: error: {e}", file=sys.stderr)
             return 2
         print(f"specdec serve: {note}", file=sys.stderr, flush=True)
+    self_draft = None
+    if args.drafter in ("medusa", "eagle") and not args.plain:
+        try:
+            self_draft, note = self_drafter(impl, target, args)
+        except ValueError as e:
+            print(f"specdec serve: error: {e}", file=sys.stderr)
+            return 2
+        print(f"specdec serve: {note}", file=sys.stderr, flush=True)
     name = args.served_model_name or args.target
     lookahead = 0 if args.plain else args.k
 
     def make_scheduler():
-        return impl.serving.Scheduler(
-            target, draft, lookahead=lookahead, max_batch=args.max_batch,
-            eos_token_ids=codec.eos_token_ids, decode=codec.decode,
-            controller=make_controller(impl, args))
+        settings = dict(lookahead=lookahead, max_batch=args.max_batch, eos_token_ids=codec.eos_token_ids,
+                        decode=codec.decode, controller=make_controller(impl, args))
+        if self_draft is not None:  # a fresh adapter (and its FeatureModel) per scheduler
+            return self_draft(**settings)
+        return impl.serving.Scheduler(target, draft, **settings)
 
     limits = Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_stop, args.max_stop_length)
     metrics = Metrics()
