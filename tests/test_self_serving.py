@@ -84,7 +84,7 @@ def scratch_logits(adapter, target, text: list[int], drafts: list[int]) -> list[
 
 def check_eagle_cache(adapter, target, scheduler):
     """Between rounds, row b's EAGLE cache holds the entries of C[:-2] (C its text), each fed the
-    target's true feature: its keys equal those of a from-scratch cache of that text."""
+    target's true feature: its keys are those of a from-scratch cache of that text (as a set)."""
     layer, cache = adapter.layer, scheduler.draft_cache[0]
     for b, r in enumerate(scheduler.rows):
         text = r.prompt + r.output
@@ -100,7 +100,12 @@ def check_eagle_cache(adapter, target, scheduler):
         features = mx.concatenate([mx.zeros((1, layer.hidden_size)), features])
         fresh = KVCache()
         layer(features[None], target.model.embed_tokens(mx.array([text[:-2]])), cache=fresh)
-        gap = float(mx.abs(held - fresh.keys[..., : n - 2, :]).max())
+        # Attention reads a row's entries as a set (Week 3 Day 2's rollback may reorder them):
+        # match each fresh entry with its nearest held one.
+        have = held[0].transpose(1, 0, 2).reshape(n - 2, -1)
+        want = fresh.keys[0, :, : n - 2].transpose(1, 0, 2).reshape(n - 2, -1)
+        distance = mx.abs(have[:, None] - want[None]).max(-1)  # [held, fresh]
+        gap = max(float(distance.min(0).max()), float(distance.min(1).max()))
         assert gap < 1e-3, (
             f"row {b}, text of {n} tokens: its EAGLE cache entries differ from a cache fed the "
             f"target's true features (max key gap {gap:.4f}): after a round, the accepted drafts' "

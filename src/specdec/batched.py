@@ -58,6 +58,7 @@ def rollback_rows(cache: list, num_to_drop: list[int]) -> None:
       - the kept entries still end in the last used column (`size()` does not change), so the
         next call's tokens land right after them in every row; the columns freed at the front
         are padding: `left_padding[i]` is larger by num_to_drop[i], and the mask hides them.
+    (The kept entries may change order: attention reads them as a set, see the chapter.)
     `BatchKVCache.trim(n)` cannot do this: it drops the same n columns from every row.
     """
     raise NotImplementedError(
