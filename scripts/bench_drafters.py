@@ -35,9 +35,10 @@ target, float32):
    (T = 1) runs; `--modes` picks a subset (plain and the A/A control always run). Every
    greedy output is compared with plain greedy, token for token (the script stops if one differs). Speed-ups are paired
    per prompt and judged against the A/A drift (`bakeoff.paired_comparison`).
-5. Batch 8: batched plain vs batched speculation with the draft model (the only batched
-   drafter path); for the others, the cost model's prediction from v(K) and c measured at
-   batch 8 (marked "predicted").
+5. Batch 8: batched plain vs Week 3 Day 2's batched loop with the draft model, and for the
+   others the cost model's prediction from v(K) and c measured at batch 8 (marked
+   "predicted"). Every batched drafter measured through the scheduler (draft model, layer
+   skipping, Medusa heads, EAGLE): `scripts/bench_batch_drafters.py`.
 6. Predictions for other devices from the measured curves and stated cost ratios (see
    DEVICE_ASSUMPTIONS): acceptance does not depend on the device, costs do.
 Not a test: timings depend on the machine and its load; the JSON records BLAS and the load.

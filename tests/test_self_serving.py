@@ -238,3 +238,20 @@ def test_serve_drafts_with_heads_and_eagle(drafter, weights, target):
     for p, r in zip(PROMPTS, requests):
         assert r.output == mlx_lm_greedy(target, p, 7), f"serve --drafter {drafter}, prompt {p}"
     assert scheduler.stats.drafted > 0, f"--drafter {drafter} drafted"
+
+
+@pytest.mark.parametrize("drafter", ["medusa", "eagle", "layerskip"])
+def test_generate_batch_with_a_seed_is_the_drafter_free_text(drafter, weights, capsys):
+    """`generate --batch 2 --seed 1 --temperature 0.8`: row i is plain seeded decoding's text for
+    seed 1 + i (the coupled rule), so every drafter prints the draft model's rows."""
+    heads = ["--heads", str(weights / drafter)] if drafter != "layerskip" else []
+    argv = ["generate", *TOY, "--batch", "2", "--max-tokens", "10", "--seed", "1", "--temperature", "0.8"]
+
+    def rows(*extra):
+        code = main([*argv, *extra])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return [line for line in captured.out.splitlines() if not line.startswith("#")]
+
+    assert rows("--drafter", drafter, *heads) == rows("--drafter", "model"), (
+        f"--batch with --seed and --drafter {drafter}: each row is its seed's plain text")

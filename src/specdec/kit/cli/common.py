@@ -179,7 +179,8 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
                         "the measured greedy agreement of Week 5 Day 4's choose_layers_to_skip on "
                         "the built-in prompts")
     p.add_argument("--batch", type=int, default=None, metavar="N",
-                   help="batched speculative decoding over N prompts (Week 3 Day 2)")
+                   help="batched speculative decoding over N prompts (Week 3 Day 2; --drafter model, "
+                        "layerskip, medusa or eagle, the last two through Week 4 Day 5's scheduler)")
     p.add_argument("--no-fallback", action="store_true",
                    help="turn off the fallback controller (Week 4 Day 3), which picks K in 0..--k "
                         "each round and decodes plainly while speculation does not pay: fixed K")
@@ -290,7 +291,7 @@ def cli_problems(args: argparse.Namespace) -> list[str]:
 
 def combination_problems(args: argparse.Namespace) -> list[str]:
     """Flags that do not go together and are not settings of SpeculativeConfig (it checks those:
-    trees are greedy and fixed-depth, a batch runs the model drafter with a fixed K)."""
+    trees are greedy and fixed-depth, a batch needs a drafter that drafts every row, fixed K)."""
     problems = []
     if args.batch and getattr(args, "plain", False):
         problems.append("--batch with --plain: use `specdec bench --batch N` to compare plain and "

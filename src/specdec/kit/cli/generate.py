@@ -10,8 +10,8 @@ import sys
 import time
 
 from specdec.kit.cli.common import (BUILTIN_PROMPTS, DEFAULT_PROMPT, GREEN, RESET, Models,
-                                    acceptance_by_position, add_decoding_flags, blas_note,
-                                    CLIError, describe_mode, fallback_off_reason, feature,
+                                    acceptance_by_position, add_decoding_flags, batched_drafter,
+                                    blas_note, CLIError, describe_mode, fallback_off_reason, feature,
                                     format_positions, load_models, make_controller, make_decoder,
                                     make_key, needs_draft_model, plain_stream, prepare,
                                     prepare_drafter, run_batched, speculative_stream)
@@ -225,12 +225,20 @@ def generate_batch(impl, models: Models, config, first_prompt: str, key, coupled
     stats = SpecStats()
     controller = make_controller(impl, config)
     start = time.perf_counter()
-    if coupled:  # row i samples with seed + i, whatever its batch-mates
+    if coupled and config.drafter in ("medusa", "eagle"):  # the scheduler, with the coupled rule
+        from specdec.kit.self_serving import decode_batch
+
+        Scheduler = feature(impl, "serving", "Scheduler", f"--batch with --drafter {config.drafter}")
+        outputs = decode_batch(Scheduler, batched_drafter(impl, models, config), rows, config.max_tokens,
+                               config.lookahead, config.temperature, [config.seed + i for i in range(len(rows))],
+                               models.eos_token_ids, controller, stats, sampling=impl.serving.COUPLED)
+    elif coupled:  # row i samples with seed + i, whatever its batch-mates
         from specdec.kit.coupled_faults import batched_coupled_decode_surviving_faults
 
         feature(impl, "coupling", "batched_coupled_decode", "--seed with --batch")
+        draft = models.draft if config.drafter == "model" else batched_drafter(impl, models, config)
         outputs = batched_coupled_decode_surviving_faults(
-            rows, [config.seed + i for i in range(len(rows))], models.draft, models.target,
+            rows, [config.seed + i for i in range(len(rows))], draft, models.target,
             config.max_tokens, config.lookahead, config.temperature,
             eos_token_ids=models.eos_token_ids, controller=controller, stats=stats,
             package=impl.package)
