@@ -231,7 +231,7 @@ BAD = [
     (["--drafter", "layerskip", "--skip-layers", "0,1"], ["skips all 2 layers", "keep at least one"]),
     (["--drafter", "layerskip", "--skip-layers", "auto:5"], ["auto:5", "1..1"]),
     (["--drafter", "layerskip", "--skip-layers", "x"], ["'x'", "auto:N"]),
-    (["--drafter", "ngram", "--batch", "2"], ["--batch", "'ngram'"]),
+    (["--drafter", "tree", "--batch", "2"], ["--batch", "'tree'"]),
     (["--target", "tiny-code-draft", "--drafter", "medusa"], ["tiny-code-draft", "--heads DIR"]),
 ]
 
@@ -276,9 +276,9 @@ def test_eagle_says_when_it_is_not_available(monkeypatch, capsys):
 
 # The server --------------------------------------------------------------------------------------
 def test_serve_refuses_drafters_of_one_sequence(capsys):
-    assert main(["serve", *TOY, "--drafter", "ngram"]) == 2
+    assert main(["serve", *TOY, "--drafter", "tree"]) == 2
     err = capsys.readouterr().err
-    assert "--drafter ngram" in err and "medusa" in err and "generate|bench" in err, err
+    assert "--drafter tree" in err and "medusa" in err and "generate|bench" in err, err
 
 
 def test_serve_layerskip_is_exact(target):

@@ -1,13 +1,13 @@
-"""Batched speculation with Medusa heads and EAGLE: kit/self_serving.py, `--batch` and
-`specdec serve --drafter medusa|eagle` (not graded: these test the kit, on the reference).
+"""Batched speculation with Medusa heads, EAGLE and prompt lookup: kit/self_serving.py, `--batch`
+and `specdec serve --drafter ngram|medusa|eagle` (not graded: these test the kit, on the reference).
 
 Toy llama target (hidden size 32, V = 64, 2 layers), seeded random heads and a random EAGLE
 layer (with taps, so the fused path runs). The promises: every draft of every row in every
 round is what the drafter proposes from scratch for that row's committed text — the heads at
 the target's hidden state of position n - 2; EAGLE fed the target's true features of the whole
-text, then its own — whoever shares the batch, rows joining and leaving, plain rounds between;
-greedy output is plain greedy output; a seeded row's text is plain seeded decoding's; the CLI
-and the server run them.
+text, then its own; the n-gram lookup in the row's own text — whoever shares the batch, rows
+joining and leaving, plain rounds between; greedy output is plain greedy output; a seeded row's
+text is plain seeded decoding's; the CLI and the server run them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from specdec.kit.cli import main
 from specdec.kit.features import FeatureModel, save_eagle, save_heads
 from specdec.kit.impl import get_impl
 from specdec.kit.models import tiny_llama
-from specdec.kit.self_serving import EagleDraftModel, HeadsDraftModel, decode_batch, self_draft_scheduler
+from specdec.kit.self_serving import (EagleDraftModel, HeadsDraftModel, NgramDraftModel, decode_batch,
+                                      self_draft_scheduler)
 from support import forced, mlx_lm_greedy
 
 REF = get_impl("ref")
@@ -57,12 +58,19 @@ def eagle_adapter(target):
     return EagleDraftModel(layer, FeatureModel(target, layer.taps))
 
 
-ADAPTERS = {"medusa": heads_adapter, "eagle": eagle_adapter}
+def ngram_adapter(target):
+    return NgramDraftModel(target, REF.drafters.find_ngram_continuation, max_ngram=2, min_ngram=1)
+
+
+ADAPTERS = {"medusa": heads_adapter, "eagle": eagle_adapter, "ngram": ngram_adapter}
 
 
 def scratch_logits(adapter, target, text: list[int], drafts: list[int]) -> list[mx.array]:
     """The drafter's logits for each draft, recomputed from scratch for committed text `text`
     (fed the drafts the batch chose, so each position is checked on its own)."""
+    if isinstance(adapter, NgramDraftModel):  # the lookup in the row's own text, or its last token
+        found = REF.drafters.find_ngram_continuation(text, 2, 1, len(drafts)) or [text[-1]] * len(drafts)
+        return [mx.array([0.0 if v == t else -1.0 for v in range(V)]) for t in found]
     fm = FeatureModel(target, getattr(getattr(adapter, "layer", None), "taps", ()))
     if isinstance(adapter, HeadsDraftModel):
         fm(mx.array([text[:-1]]))
@@ -153,7 +161,7 @@ def test_eagle_cache_holds_true_features_on_the_embedded_pair():
         assert r.output == mlx_lm_greedy(target, p, 14), "greedy serving is exact"
 
 
-@pytest.mark.parametrize("name", ["medusa", "eagle"])
+@pytest.mark.parametrize("name", ["medusa", "eagle", "ngram"])
 @pytest.mark.parametrize("schedule", [[3], [3, 0, 2, 0, 0, 1, 3]], ids=["K3", "with-plain-rounds"])
 def test_every_batched_draft_is_the_drafters_own(target, name, schedule):
     """Rows join (max_batch 3 < 6 prompts) and leave; K follows a fixed schedule with plain
@@ -179,7 +187,7 @@ def test_every_batched_draft_is_the_drafters_own(target, name, schedule):
     assert checked >= 20, f"only {checked} drafts were checked: the schedule must draft"
 
 
-@pytest.mark.parametrize("name", ["medusa", "eagle"])
+@pytest.mark.parametrize("name", ["medusa", "eagle", "ngram"])
 def test_a_seeded_row_is_plain_seeded_text(target, name):
     """The coupled rule (Week 5 Day 1) with drafts from the target's own features: each row's
     text is plain seeded decoding's for its seed, whatever its batch-mates."""
@@ -209,9 +217,9 @@ def weights(tmp_path_factory, target):
     return root
 
 
-@pytest.mark.parametrize("drafter", ["medusa", "eagle", "layerskip"])
+@pytest.mark.parametrize("drafter", ["medusa", "eagle", "layerskip", "ngram"])
 def test_bench_batch_with_a_self_drafter_is_exact(drafter, weights, capsys):
-    heads = ["--heads", str(weights / drafter)] if drafter != "layerskip" else []
+    heads = ["--heads", str(weights / drafter)] if drafter in ("medusa", "eagle") else []
     code = main(["bench", *TOY, "--batch", "3", "--prompts", "1", "--max-tokens", "8", "--json",
                  "--drafter", drafter, *heads])
     captured = capsys.readouterr()
@@ -222,15 +230,16 @@ def test_bench_batch_with_a_self_drafter_is_exact(drafter, weights, capsys):
             f"--batch 3 --drafter {drafter}, {mode}: greedy rows are plain's")
 
 
-@pytest.mark.parametrize("drafter", ["medusa", "eagle"])
-def test_serve_drafts_with_heads_and_eagle(drafter, weights, target):
-    """`specdec serve --drafter medusa|eagle` builds its scheduler with `self_drafter` (in-process
-    here: no HTTP); greedy rows are plain greedy decoding's."""
+@pytest.mark.parametrize("drafter", ["medusa", "eagle", "ngram"])
+def test_serve_drafts_with_heads_eagle_and_ngram(drafter, weights, target):
+    """`specdec serve --drafter ngram|medusa|eagle` builds its scheduler with `self_drafter`
+    (in-process here: no HTTP); greedy rows are plain greedy decoding's."""
     from specdec.kit.server.startup import build_parser, self_drafter
 
-    args = build_parser().parse_args([*TOY, "--drafter", drafter, "--heads", str(weights / drafter)])
+    heads = ["--heads", str(weights / drafter)] if drafter != "ngram" else []
+    args = build_parser().parse_args([*TOY, "--drafter", drafter, *heads])
     make, note = self_drafter(REF, target, args)
-    assert drafter in note and str(weights / drafter) in note, note
+    assert drafter in note and (not heads or heads[1] in note), note
     scheduler = make(lookahead=3, max_batch=2)
     requests = [scheduler.submit(REF.serving.Request(p, max_tokens=7)) for p in PROMPTS[:3]]
     while scheduler.has_work:
@@ -240,11 +249,11 @@ def test_serve_drafts_with_heads_and_eagle(drafter, weights, target):
     assert scheduler.stats.drafted > 0, f"--drafter {drafter} drafted"
 
 
-@pytest.mark.parametrize("drafter", ["medusa", "eagle", "layerskip"])
+@pytest.mark.parametrize("drafter", ["medusa", "eagle", "layerskip", "ngram"])
 def test_generate_batch_with_a_seed_is_the_drafter_free_text(drafter, weights, capsys):
     """`generate --batch 2 --seed 1 --temperature 0.8`: row i is plain seeded decoding's text for
     seed 1 + i (the coupled rule), so every drafter prints the draft model's rows."""
-    heads = ["--heads", str(weights / drafter)] if drafter != "layerskip" else []
+    heads = ["--heads", str(weights / drafter)] if drafter in ("medusa", "eagle") else []
     argv = ["generate", *TOY, "--batch", "2", "--max-tokens", "10", "--seed", "1", "--temperature", "0.8"]
 
     def rows(*extra):

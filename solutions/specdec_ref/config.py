@@ -70,8 +70,8 @@ class SpeculativeConfig(ConfigFields):
       - lower_below <= raise_above (otherwise K would rise and fall at once);
       - min_ngram <= max_ngram;
       - drafter "tree" needs temperature 0 (greedy only) and adaptive None (its depth is fixed);
-      - batch_size > 1 needs a drafter in BATCHED_DRAFTERS ("model", "layerskip", "medusa",
-        "eagle": those that draft every row in one batched call) and adaptive None (fixed K).
+      - batch_size > 1 needs a drafter in BATCHED_DRAFTERS (all but "tree": those that draft
+        every row of a batch at once) and adaptive None (fixed K).
 
     The fields, their defaults, `__post_init__` (runs `validate`, raises ConfigError), `to_json`
     and `from_json` are provided by `ConfigFields` (`specdec.kit.config`), with the helpers

@@ -20,9 +20,9 @@ from specdec.kit.errors import ConfigError
 POLICIES = ("threshold", "heuristic", "goodput")  # Week 3 Day 1
 # Week 2 Day 1, Week 3 Days 3 and 4, Week 5 Days 2-4 (kit/drafter_registry.py builds each one)
 DRAFTERS = ("model", "ngram", "tree", "medusa", "eagle", "layerskip")
-# The drafters that draft every row of a batch in one call (Week 3 Day 2, Week 4 Day 5, and
-# Week 5 Days 2-4 through kit/self_serving.py): batch_size > 1 needs one of them.
-BATCHED_DRAFTERS = ("model", "layerskip", "medusa", "eagle")
+# The drafters that draft every row of a batch at once (Week 3 Day 2, Week 4 Day 5; n-gram and
+# Week 5's through kit/self_serving.py): batch_size > 1 needs one of them. Trees do not batch.
+BATCHED_DRAFTERS = ("model", "ngram", "layerskip", "medusa", "eagle")
 MAX_SEED = 2**64 - 1
 
 

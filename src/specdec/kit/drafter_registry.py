@@ -258,10 +258,11 @@ def batched_draft(impl, name: str, target, draft=None, options: Optional[Drafter
     """What drafts for a batch of rows (`--batch`, `specdec serve`): a draft model the batched
     loops and the scheduler call once per drafted position for every row.
 
-    model: `draft` itself; layerskip: Week 5 Day 4's `LayerSkipModel` of the target; medusa and
-    eagle: a `specdec.kit.self_serving` adapter (`HeadsDraftModel`, `EagleDraftModel`) that
-    reads the features of `adapter.target`, the FeatureModel the scheduler must verify with —
-    run those through `self_serving.self_draft_scheduler`. DrafterError for other names.
+    model: `draft` itself; layerskip: Week 5 Day 4's `LayerSkipModel` of the target; ngram,
+    medusa and eagle: a `specdec.kit.self_serving` adapter (`NgramDraftModel`,
+    `HeadsDraftModel`, `EagleDraftModel`; the last two read the features of `adapter.target`,
+    the FeatureModel the scheduler must verify with) — run those through
+    `self_serving.self_draft_scheduler`. DrafterError for other names (the tree).
     """
     from specdec.kit.features import FeatureModel
 
@@ -274,13 +275,19 @@ def batched_draft(impl, name: str, target, draft=None, options: Optional[Drafter
         return _part(impl, "layerskip", "LayerSkipModel", "layerskip")(bare, skip)
     from specdec.kit import self_serving
 
+    if name == "ngram":
+        find = _part(impl, "drafters", "find_ngram_continuation", "ngram")
+        try:
+            return self_serving.NgramDraftModel(bare, find, options.max_ngram, options.min_ngram)
+        except ValueError as e:
+            raise DrafterError(str(e)) from None
     if name == "medusa":
         fm = FeatureModel(bare)
         return self_serving.HeadsDraftModel(load_medusa_heads(impl, fm, options.heads), fm)
     if name == "eagle":
         layer = load_eagle_layer(impl, bare, options.eagle)
         return self_serving.EagleDraftModel(layer, FeatureModel(bare, layer.taps))
-    raise DrafterError(f"--drafter {name} cannot draft for a batch: its drafts are per sequence; "
+    raise DrafterError(f"--drafter {name} cannot draft for a batch: each row would verify a tree of its own; "
                        f"batch with one of {', '.join(BATCHED_DRAFTERS)}")
 
 

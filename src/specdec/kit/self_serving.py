@@ -1,4 +1,4 @@
-"""Batched speculation with drafts the target makes itself: Medusa heads and EAGLE in Week 4
+"""Batched speculation without a draft model: Medusa heads, EAGLE and prompt lookup in Week 4
 Day 5's scheduler (provided code, not a task).
 
 The scheduler drafts for every row with one batched call of a draft model per drafted position
@@ -8,7 +8,8 @@ drafters have no model of their own: they read the target's features. Two small 
 them into that scheduler with its `admit`, `commit_round` and `step` unchanged — the exercise's
 code runs as it is:
 
-- a *draft model* adapter, `HeadsDraftModel` or `EagleDraftModel`: the scheduler calls it as it
+- a *draft model* adapter, `HeadsDraftModel`, `EagleDraftModel` or `NgramDraftModel` (Week 3
+  Day 3's lookup in each row's own text, no features): the scheduler calls it as it
   calls a draft model, `adapter(inputs [B, U], cache=...) -> logits [B, U, V]` (only the last
   column is read), on a one-layer `BatchKVCache` that the scheduler joins, rolls back and
   filters with the rest. Its logits come from the heads, or the EAGLE layer, at each row's
@@ -40,7 +41,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache
 
 from specdec.kit.features import FeatureModel, hidden_size_of
 from specdec.kit.models import model_vocab_size
@@ -49,24 +49,26 @@ _NEG = -1e30  # the logit of a token a one-hot guess rules out (finite: softmax 
 
 
 class _SelfDraftModel:
-    """What both adapters share: the phases of a scheduler step and each row's features."""
+    """What the adapters share: the phases of a scheduler step, and what the scheduler tells them
+    (each row's features or text, this round's K)."""
 
     layers = (None,)  # make_batch_cache(adapter, ...) gives one BatchKVCache
+    reads_features = True  # the target must be a FeatureModel, whose features the rows keep
 
-    def __init__(self, target: FeatureModel):
-        if not isinstance(target, FeatureModel):
+    def __init__(self, target):
+        if self.reads_features and not isinstance(target, FeatureModel):
             raise TypeError(f"{type(self).__name__} reads the target's features from a FeatureModel, "
                             f"got {type(target).__name__}: pass specdec.kit.features.FeatureModel(target)")
         self.target = target
         self.vocab_size = model_vocab_size(target)
         self.phase = "prefill"  # "prefill" | "first" (a round's first call) | "drafting"
+        self.round_k = 0  # this round's K (the scheduler's next_lookahead)
         self.row_features = None  # () -> (features [B, 2, D], known [B]) of the running rows
+        self.row_texts = None  # () -> each running row's prompt + output
 
-    # The scheduler subclass sets the phase; the scheduler's own code calls __call__.
-    def features_of_call(self) -> mx.array:
-        """The target's features of its last call, [B, U, D], as this drafter reads them."""
-        raise NotImplementedError
-
+    # The scheduler subclass sets the phase; the scheduler's own code calls __call__. Each
+    # adapter defines _prefill / _first / _next, the three kinds of call, and (reads_features)
+    # features_of_call() -> the target's features of its last call [B, U, D] as it reads them.
     def refeed(self, cache: list, draft_tokens: mx.array, features: mx.array) -> None:
         """After a round's target call: make the cache entries of the drafts true (EAGLE)."""
 
@@ -76,21 +78,47 @@ class _SelfDraftModel:
             return self._prefill(inputs, cache)
         if self.phase == "first":
             self.phase = "drafting"
-            features, known = self.row_features()
-            return self._first(inputs, cache, features, known)
+            return self._first(inputs, cache)
         return self._next(inputs, cache)
 
-    def _prefill(self, inputs, cache):
-        raise NotImplementedError
 
-    def _first(self, inputs, cache, features, known):
-        raise NotImplementedError
+class _CountingDraftModel(_SelfDraftModel):
+    """An adapter that makes no model call: its cache only counts positions (keys one number
+    wide), and a round's drafts for every row are decided at its first call (`_propose`)."""
+
+    max_drafts: Optional[int] = None
+
+    def _count(self, inputs: mx.array, cache: list) -> None:
+        """Advance the position-counting cache by the U tokens fed."""
+        B, U = inputs.shape
+        blank = mx.zeros((B, 1, U, 1), dtype=mx.float32)
+        cache[0].update_and_fetch(blank, blank)
+
+    def _prefill(self, inputs, cache):
+        self._count(inputs, cache)
+        return mx.zeros((*inputs.shape, 1))  # prefill_request never reads it
+
+    def _first(self, inputs, cache):
+        self._count(inputs, cache)
+        self._logits = self._propose(inputs)  # [B, K', V]
+        self._drafted = 1
+        return mx.broadcast_to(self._logits[:, :1], (inputs.shape[0], inputs.shape[1], self.vocab_size))
 
     def _next(self, inputs, cache):
-        raise NotImplementedError
+        self._count(inputs, cache)
+        if self._drafted >= self._logits.shape[1]:
+            raise ValueError(f"{type(self).__name__} proposed {self._logits.shape[1]} drafts this round "
+                             "and was asked for more: cap K with the scheduler's next_lookahead")
+        k, self._drafted = self._drafted, self._drafted + 1
+        return self._logits[:, k : k + 1]
+
+    def _guess(self, tokens: mx.array, width: int) -> mx.array:
+        """Logits [B, width, V] that propose tokens[b] at every position (a one-hot q)."""
+        one = mx.where(mx.arange(self.vocab_size) == tokens[:, None], 0.0, _NEG)  # [B, V]
+        return mx.broadcast_to(one[:, None, :], (tokens.shape[0], width, self.vocab_size))
 
 
-class HeadsDraftModel(_SelfDraftModel):
+class HeadsDraftModel(_CountingDraftModel):
     """Medusa heads as the scheduler's draft model: min(K, num_heads) drafts, no model call.
 
     `HeadsDraftModel(heads, fm)`: heads are Week 5 Day 2's `MedusaHeads` (hidden [..., D],
@@ -104,38 +132,41 @@ class HeadsDraftModel(_SelfDraftModel):
             raise ValueError(f"the Medusa heads read hidden size {heads.hidden_size}, but the target's "
                              f"hidden size is {hidden_size_of(target)}: load heads trained for this target")
         self.heads, self.max_drafts = heads, int(heads.num_heads)
-        self._logits: Optional[mx.array] = None
-        self._drafted = 0
 
     def features_of_call(self) -> mx.array:
         return self.target.hidden
 
-    def _count(self, inputs: mx.array, cache: list) -> None:
-        """Advance the position-counting cache by the U tokens fed (keys one number wide)."""
-        B, U = inputs.shape
-        blank = mx.zeros((B, 1, U, 1), dtype=mx.float32)
-        cache[0].update_and_fetch(blank, blank)
-
-    def _prefill(self, inputs, cache):
-        self._count(inputs, cache)
-        return mx.zeros((*inputs.shape, 1))  # prefill_request never reads it
-
-    def _first(self, inputs, cache, features, known):
-        self._count(inputs, cache)
-        B = inputs.shape[0]
+    def _propose(self, inputs: mx.array) -> mx.array:
+        features, known = self.row_features()
         logits = self.heads(features[:, 1], self.target.lm_head).astype(mx.float32)  # [B, K, V]
-        guess = mx.where(mx.arange(self.vocab_size) == inputs[:, -1:], 0.0, _NEG)  # [B, V]
-        self._logits = mx.where(known[:, None, None], logits, guess[:, None, :])
-        self._drafted = 1
-        return mx.broadcast_to(self._logits[:, :1], (B, inputs.shape[1], self.vocab_size))
+        guess = self._guess(inputs[:, -1], logits.shape[1])  # no hidden state yet: repeat C[-1]
+        return mx.where(known[:, None, None], logits, guess)
 
-    def _next(self, inputs, cache):
-        self._count(inputs, cache)
-        if self._drafted >= self.max_drafts:
-            raise ValueError(f"{self.max_drafts} Medusa heads draft at most {self.max_drafts} tokens "
-                             "a round: cap K with the scheduler's next_lookahead")
-        k, self._drafted = self._drafted, self._drafted + 1
-        return self._logits[:, k : k + 1]
+
+class NgramDraftModel(_CountingDraftModel):
+    """Prompt lookup (Week 3 Day 3) as the scheduler's draft model: no model call, no weights.
+
+    `NgramDraftModel(target, find, max_ngram=3, min_ngram=1)`: find is the tree's
+    `drafters.find_ngram_continuation`; each row proposes find(its prompt + output, max_ngram,
+    min_ngram, K), or its last token K times when the text has no match (one-hot q either way).
+    """
+
+    reads_features = False
+
+    def __init__(self, target: Any, find: Any, max_ngram: int = 3, min_ngram: int = 1):
+        super().__init__(target)
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}")
+        self.find, self.max_ngram, self.min_ngram = find, max_ngram, min_ngram
+
+    def _propose(self, inputs: mx.array) -> mx.array:
+        K = max(1, self.round_k)
+        proposals = []
+        for text in self.row_texts():
+            found = self.find(text, self.max_ngram, self.min_ngram, K)
+            proposals.append(found if len(found) == K else [text[-1]] * K)
+        tokens = mx.array(proposals, dtype=mx.int32)  # [B, K]
+        return mx.where(mx.arange(self.vocab_size) == tokens[..., None], 0.0, _NEG)
 
 
 class EagleDraftModel(_SelfDraftModel):
@@ -174,7 +205,8 @@ class EagleDraftModel(_SelfDraftModel):
         self.layer(features, self.embed(inputs), cache=cache[0])
         return mx.zeros((*inputs.shape, 1))  # prefill_request never reads it
 
-    def _first(self, inputs, cache, features, known):
+    def _first(self, inputs, cache):
+        features, _ = self.row_features()
         U = inputs.shape[1]  # 2 in a drafting round, 1 in a plain round (it feeds C[-2] only)
         logits = self._step(features[:, :U], inputs, cache)
         return mx.broadcast_to(logits, (inputs.shape[0], U, self.vocab_size))
@@ -191,8 +223,8 @@ class EagleDraftModel(_SelfDraftModel):
 
 
 def self_draft_scheduler(Scheduler: type) -> type:
-    """A subclass of `Scheduler` (either tree's) that drafts with a `HeadsDraftModel` or an
-    `EagleDraftModel`: `self_draft_scheduler(Scheduler)(adapter, lookahead=..., max_batch=...,
+    """A subclass of `Scheduler` (either tree's) that drafts with a `HeadsDraftModel`, an
+    `EagleDraftModel` or an `NgramDraftModel`: `self_draft_scheduler(Scheduler)(adapter, lookahead=..., max_batch=...,
     ...)` takes the adapter in place of (target, draft) and verifies with `adapter.target`.
     Everything else — requests, events, the controller, greedy and sampled exactness — is the
     scheduler's own."""
@@ -202,6 +234,7 @@ def self_draft_scheduler(Scheduler: type) -> type:
             super().__init__(adapter.target, adapter, **kwargs)
             self.features: dict[int, tuple[mx.array, bool]] = {}  # id(request) -> ([2, D], known)
             adapter.row_features = self.row_features
+            adapter.row_texts = lambda: [r.prompt + r.output for r in self.rows]
 
         def row_features(self) -> tuple[mx.array, mx.array]:
             """(features [B, 2, D], known bool [B]) of the running rows, in row order."""
@@ -211,10 +244,16 @@ def self_draft_scheduler(Scheduler: type) -> type:
         def next_lookahead(self) -> int:
             K = super().next_lookahead()
             cap = self.draft_model.max_drafts
-            return K if cap is None else min(K, cap)
+            self.draft_model.round_k = K if cap is None else min(K, cap)
+            return self.draft_model.round_k
 
         def admit(self):
             """The tree's admit, one row at a time, so each new row's prefill features are read."""
+            if not self.draft_model.reads_features:
+                self.draft_model.phase = "prefill"
+                events = super().admit()
+                self.draft_model.phase = "first"
+                return events
             events, cap, fm = [], self.max_batch, self.target_model
             self.draft_model.phase = "prefill"
             try:
@@ -237,6 +276,11 @@ def self_draft_scheduler(Scheduler: type) -> type:
             return events
 
         def commit_round(self, K, target_logits, draft_tokens=None, q_draft=None):
+            if not self.draft_model.reads_features:
+                events, accepted = super().commit_round(K, target_logits, draft_tokens, q_draft)
+                if self.draft_cache is not None:  # a counting cache: nothing else evaluates it
+                    mx.eval(self.draft_cache[0].state)
+                return events, accepted
             rows = list(self.rows)
             new = self.draft_model.features_of_call()  # [B, K + 1, D]: positions n-1 .. n+K-1
             if K > 1:
@@ -267,7 +311,7 @@ def decode_batch(Scheduler: type, adapter: _SelfDraftModel, prompts: list[list[i
                  lookahead: int = 4, temperature: float = 0.0, seeds: Optional[list[int]] = None,
                  eos_token_ids=(), controller=None, stats=None, sampling=None) -> list[list[int]]:
     """Batched decoding of `prompts` (all at once) through `self_draft_scheduler(Scheduler)`:
-    what `specdec generate|bench --batch N --drafter medusa|eagle` runs. Row i samples with
+    what `specdec generate|bench --batch N --drafter ngram|medusa|eagle` runs. Row i samples with
     seed seeds[i] (default i) under `sampling` (default the scheduler's, rejection sampling);
     `controller` picks K each round (None: K = lookahead, capped by the heads); `stats` (a
     SpecStats) receives the scheduler's. Returns each prompt's tokens; RuntimeError if one fails.

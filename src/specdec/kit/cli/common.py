@@ -179,8 +179,8 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
                         "the measured greedy agreement of Week 5 Day 4's choose_layers_to_skip on "
                         "the built-in prompts")
     p.add_argument("--batch", type=int, default=None, metavar="N",
-                   help="batched speculative decoding over N prompts (Week 3 Day 2; --drafter model, "
-                        "layerskip, medusa or eagle, the last two through Week 4 Day 5's scheduler)")
+                   help="batched speculative decoding over N prompts (Week 3 Day 2; every --drafter "
+                        "but tree: ngram, medusa and eagle through Week 4 Day 5's scheduler)")
     p.add_argument("--no-fallback", action="store_true",
                    help="turn off the fallback controller (Week 4 Day 3), which picks K in 0..--k "
                         "each round and decodes plainly while speculation does not pay: fixed K")
@@ -559,6 +559,9 @@ def plain_stream(impl, models: Models, prompt, config, key, eos) -> Iterator[tup
     return ((t, False) for t in tokens)
 
 
+SCHEDULED_DRAFTERS = ("ngram", "medusa", "eagle")  # batched through Week 4 Day 5's scheduler
+
+
 def batched_drafter(impl, models: Models, config):
     """The draft model of `--batch` for --drafter model|layerskip|medusa|eagle, built once per
     run (`drafter_registry.batched_draft`; medusa and eagle: a kit/self_serving adapter)."""
@@ -583,7 +586,7 @@ def run_batched(impl, models: Models, token_rows: list[list[int]], config, key, 
     draft = models.draft
     if mode != "plain" and config.drafter != "model":
         draft = batched_drafter(impl, models, config)
-        if config.drafter in ("medusa", "eagle"):  # drafts from the target's features
+        if config.drafter in SCHEDULED_DRAFTERS:  # kit/self_serving adapters: the scheduler
             from specdec.kit.self_serving import decode_batch
 
             Scheduler = feature(impl, "serving", "Scheduler", f"--batch with --drafter {config.drafter}")

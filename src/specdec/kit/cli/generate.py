@@ -14,7 +14,8 @@ from specdec.kit.cli.common import (BUILTIN_PROMPTS, DEFAULT_PROMPT, GREEN, RESE
                                     blas_note, CLIError, describe_mode, fallback_off_reason, feature,
                                     format_positions, load_models, make_controller, make_decoder,
                                     make_key, needs_draft_model, plain_stream, prepare,
-                                    prepare_drafter, run_batched, speculative_stream)
+                                    prepare_drafter, run_batched, speculative_stream,
+                                    SCHEDULED_DRAFTERS)
 
 
 def add_parser(sub) -> None:
@@ -225,7 +226,7 @@ def generate_batch(impl, models: Models, config, first_prompt: str, key, coupled
     stats = SpecStats()
     controller = make_controller(impl, config)
     start = time.perf_counter()
-    if coupled and config.drafter in ("medusa", "eagle"):  # the scheduler, with the coupled rule
+    if coupled and config.drafter in SCHEDULED_DRAFTERS:  # the scheduler, with the coupled rule
         from specdec.kit.self_serving import decode_batch
 
         Scheduler = feature(impl, "serving", "Scheduler", f"--batch with --drafter {config.drafter}")

@@ -47,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model: the draft model (default); layerskip: the target with layers "
                         "skipped (Week 5 Day 4, --skip-layers); medusa: heads on the target's "
                         "hidden state (Week 5 Day 2); eagle: a one-layer drafter on its features "
-                        "(Week 5 Day 3) -- both shipped for the embedded target, or --heads DIR. "
-                        "ngram and tree draft one sequence at a time and are refused: `specdec "
-                        "generate|bench --drafter NAME` runs them")
+                        "(Week 5 Day 3) -- both shipped for the embedded target, or --heads DIR; "
+                        "ngram: prompt lookup in each row's own text (Week 3 Day 3). tree is "
+                        "refused (each row would verify a tree of its own): `specdec "
+                        "generate|bench --drafter tree` runs it")
     p.add_argument("--heads", default=None, metavar="DIR",
                    help="--drafter medusa|eagle: the trained weights (default: the ones shipped "
                         "for the embedded target)")
@@ -276,13 +277,19 @@ def layerskip_draft(impl, target, skip_layers: str, codec):
 
 
 def self_drafter(impl, target, args):
-    """(make(**scheduler settings) -> a scheduler drafting with Medusa heads or EAGLE, a line
-    saying what was loaded). The weights load once; each scheduler gets its own adapter
-    (`specdec.kit.self_serving`). ValueError (a DrafterError) when they do not fit the target."""
+    """(make(**scheduler settings) -> a scheduler drafting by prompt lookup, with Medusa heads or
+    with EAGLE, a line saying what was loaded). Weights load once; each scheduler gets its own
+    adapter (`specdec.kit.self_serving`). ValueError (a DrafterError) when they do not fit."""
     from specdec.kit.drafter_registry import DrafterOptions, batched_draft
     from specdec.kit.features import EAGLE_DRAFTER, MEDUSA_HEADS, FeatureModel
-    from specdec.kit.self_serving import EagleDraftModel, HeadsDraftModel, self_draft_scheduler
+    from specdec.kit.self_serving import (EagleDraftModel, HeadsDraftModel, NgramDraftModel,
+                                          self_draft_scheduler)
 
+    Scheduler = self_draft_scheduler(impl.serving.Scheduler)
+    if args.drafter == "ngram":
+        find = impl.drafters.find_ngram_continuation
+        return (lambda **settings: Scheduler(NgramDraftModel(target, find), **settings),
+                "drafter ngram: prompt lookup in each row's text (n-grams of 3 down to 1 token)")
     if args.target == TOY and args.drafter == "medusa" and args.heads is None:
         heads = impl.medusa.MedusaHeads(int(target.args.hidden_size), 3)  # untrained: LM-head copies
         where = "untrained (toy-llama)"
@@ -291,7 +298,6 @@ def self_drafter(impl, target, args):
         first = batched_draft(impl, args.drafter, target, options=options)
         heads = getattr(first, "heads", None) or first.layer
         where = args.heads or (MEDUSA_HEADS if args.drafter == "medusa" else EAGLE_DRAFTER)
-    Scheduler = self_draft_scheduler(impl.serving.Scheduler)
 
     def make(**settings):
         if args.drafter == "medusa":
@@ -343,7 +349,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
         print(f"specdec serve: {note}", file=sys.stderr, flush=True)
     self_draft = None
-    if args.drafter in ("medusa", "eagle") and not args.plain:
+    if args.drafter in ("ngram", "medusa", "eagle") and not args.plain:
         try:
             self_draft, note = self_drafter(impl, target, args)
         except ValueError as e:
