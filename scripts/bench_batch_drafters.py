@@ -83,7 +83,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--ks", default="1,2,3", help="fixed K values to time (the controller's cap is the largest)")
-    p.add_argument("--drafters", default="model,layerskip,medusa,eagle")
+    p.add_argument("--drafters", default="model,ngram,layerskip,medusa,eagle")
     p.add_argument("--out", type=Path, default=None, help="default: the shipped batch8-REGIME.json")
     a = p.parse_args()
     ks = [int(k) for k in a.ks.split(",")]
@@ -94,7 +94,7 @@ def main() -> None:
     encoded = [tok.encode(t)[:256] for _, t in pool]
     groups = [encoded[g * a.batch : (g + 1) * a.batch] for g in range(a.groups)]
     calibration = sum(encoded, [])[:128]
-    labels = {"model": "draft model", "layerskip": "layer skip", "medusa": "Medusa", "eagle": "EAGLE"}
+    labels = {"model": "draft model", "ngram": "n-gram", "layerskip": "layer skip", "medusa": "Medusa", "eagle": "EAGLE"}
     drafts = {}
     for name in a.drafters.split(","):
         options = DrafterOptions(skip_layers="auto:1" if name == "layerskip" else "auto", calibration=calibration)
