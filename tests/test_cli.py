@@ -164,7 +164,7 @@ BAD_INPUT = [
     (["generate", *TOY, "--batch", "0"], ["--batch", "0 < 1"]),
     (["generate", *TOY, "--seed", str(2**64)], ["--seed", str(2**64)]),
     (["generate", *TOY, "--batch", "2", "--plain"], ["--batch with --plain"]),
-    (["generate", *TOY, "--batch", "2", "--drafter", "ngram"], ["--batch", "'ngram'"]),
+    (["generate", *TOY, "--batch", "2", "--drafter", "tree"], ["--batch", "'tree'"]),
     (["generate", *TOY, "--batch", "2", "--adaptive", "goodput"], ["--batch", "'goodput'"]),
     (["generate", *TOY, "--drafter", "tree", "--temperature", "0.5"], ["--drafter 'tree'", "0.5"]),
     (["generate", *TOY, "--drafter", "tree", "--adaptive", "goodput"], ["--drafter 'tree'", "'goodput'"]),
