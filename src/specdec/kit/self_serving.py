@@ -307,6 +307,21 @@ def self_draft_scheduler(Scheduler: type) -> type:
     return SelfDraftScheduler
 
 
+def decode_plain(Scheduler: type, target: Any, prompts: list[list[int]], max_tokens: int,
+                 eos_token_ids=()) -> list[list[int]]:
+    """Greedy batched decoding of `prompts` through the tree's `Scheduler` with no draft (every
+    round plain): the like-for-like baseline of `decode_batch`, whose requests are prefilled
+    one by one instead of padded together as `batched_plain_decode` does."""
+    from specdec.kit.serving import Request
+
+    scheduler = Scheduler(target, None, lookahead=0, max_batch=max(1, len(prompts)),
+                          eos_token_ids=eos_token_ids)
+    requests = [scheduler.submit(Request(list(p), max_tokens=max_tokens)) for p in prompts]
+    while scheduler.has_work:
+        scheduler.step()
+    return [r.output for r in requests]
+
+
 def decode_batch(Scheduler: type, adapter: _SelfDraftModel, prompts: list[list[int]], max_tokens: int,
                  lookahead: int = 4, temperature: float = 0.0, seeds: Optional[list[int]] = None,
                  eos_token_ids=(), controller=None, stats=None, sampling=None) -> list[list[int]]:

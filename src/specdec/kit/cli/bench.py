@@ -15,7 +15,7 @@ from specdec.kit.cli.common import (Models, acceptance_by_position, add_decoding
                                     heldout_prompts,  # noqa: F401  (re-exported: kit.cli, notebooks)
                                     load_models, make_controller, make_key, needs_draft_model,
                                     plain_stream, prepare, prepare_drafter, rounds_of,
-                                    run_batched, speculative_stream)
+                                    run_batched, speculative_stream, SCHEDULED_DRAFTERS)
 from specdec.kit.timing import blas_info
 
 
@@ -153,6 +153,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"# {blas_note()}")
         for note in notes:
             print(note)
+        if batch and config.drafter in SCHEDULED_DRAFTERS:
+            print(f"# --drafter {config.drafter} batches through Week 4 Day 5's scheduler: plain is the "
+                  "same scheduler with no draft (each request prefilled alone), not batched_plain_decode")
         print(f"# modes: {', '.join(modes)}; speedup = tokens/s over plain's, same prompt; "
               "accept/alpha/tok/call of the speculative mode")
         print("# warm-up run ...", flush=True)

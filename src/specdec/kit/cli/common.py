@@ -581,7 +581,8 @@ def batched_drafter(impl, models: Models, config):
 def run_batched(impl, models: Models, token_rows: list[list[int]], config, key, stats, eos,
                 mode: str, controller=None):
     """Batched decoding of `token_rows`. mode: "plain" (greedy), "speculative" (fixed K) or
-    "fallback" (K from `controller`, 0 = a plain round)."""
+    "fallback" (K from `controller`, 0 = a plain round). --drafter ngram|medusa|eagle run in
+    Week 4 Day 5's scheduler (kit/self_serving.py), and so does their plain baseline."""
     batch_prompts = [list(row) for row in token_rows]
     draft = models.draft
     if mode != "plain" and config.drafter != "model":
@@ -603,6 +604,11 @@ def run_batched(impl, models: Models, token_rows: list[list[int]], config, key, 
         return decode(batch_prompts, draft, models.target, config.max_tokens,
                       lookahead=config.lookahead, temperature=config.temperature, key=key,
                       eos_token_ids=eos, stats=stats)
+    if config.drafter in SCHEDULED_DRAFTERS:  # like for like: the same scheduler, with no draft
+        from specdec.kit.self_serving import decode_plain
+
+        Scheduler = feature(impl, "serving", "Scheduler", f"--batch with --drafter {config.drafter}")
+        return decode_plain(Scheduler, models.target, batch_prompts, config.max_tokens, eos)
     decode = feature(impl, "batched", "batched_plain_decode", "--batch")
     return decode(batch_prompts, models.target, config.max_tokens, eos_token_ids=eos)
 
