@@ -272,6 +272,18 @@ def load_eagle(path: str | Path = EAGLE_DRAFTER, target: Any = None, drafter_cls
     return _load_weights(drafter_cls(args, tuple(config["taps"])), path / "drafter.safetensors", dtype)
 
 
+def check_eagle_fits(layer: Any, fm: FeatureModel) -> None:
+    """ValueError, naming both, if the FeatureModel keeps other taps than the EAGLE layer reads,
+    or the layer's hidden size is not the target's."""
+    if fm.taps != tuple(layer.taps):
+        raise ValueError(f"the target's FeatureModel keeps taps {list(fm.taps)} but the "
+                         f"drafter reads taps {list(layer.taps)}: use FeatureModel(model, "
+                         "taps=layer.taps), or pass the bare model")
+    if hidden_size_of(fm) != layer.hidden_size:
+        raise ValueError(f"the drafter's hidden size {layer.hidden_size} != the target's "
+                         f"{hidden_size_of(fm)}: load a drafter trained for this target")
+
+
 class EagleDrafterBase:
     """`EagleDrafter`'s constructor and `reset` (provided); each tree's `EagleDrafter` adds `draft`.
 
@@ -295,13 +307,7 @@ class EagleDrafterBase:
         fm = target_model
         if not isinstance(fm, FeatureModel):
             fm = FeatureModel(target_model, layer.taps)
-        elif fm.taps != tuple(layer.taps):
-            raise ValueError(f"the target's FeatureModel keeps taps {list(fm.taps)} but the "
-                             f"drafter reads taps {list(layer.taps)}: use FeatureModel(model, "
-                             "taps=layer.taps), or pass the bare model")
-        if hidden_size_of(fm) != layer.hidden_size:
-            raise ValueError(f"the drafter's hidden size {layer.hidden_size} != the target's "
-                             f"{hidden_size_of(fm)}: load a drafter trained for this target")
+        check_eagle_fits(layer, fm)
         self.layer, self.target_model = layer, fm
         self.vocab_size = model_vocab_size(fm.model)
         self.reset()

@@ -50,6 +50,17 @@ class PositionCache:
         return n
 
 
+def check_heads_fit(heads: Any, target: Any) -> None:
+    """ValueError, naming both sizes, if the Medusa heads read another hidden size than the
+    target's."""
+    hidden = hidden_size_of(target)
+    if int(heads.hidden_size) != hidden:
+        raise ValueError(
+            f"the Medusa heads read hidden size {heads.hidden_size}, but the target's hidden "
+            f"size is {hidden}: load heads trained for this target (--heads DIR), or train "
+            "them with scripts/train_heads.py")
+
+
 def one_hot(tokens: mx.array, vocab_size: int) -> mx.array:
     """float32 [k, V], row i one-hot on tokens[i]: the q of a deterministic proposal."""
     return (mx.arange(vocab_size)[None] == tokens[:, None]).astype(mx.float32)
@@ -87,12 +98,7 @@ class MedusaDrafter:
                 f"MedusaDrafter reads hidden states from a FeatureModel, got "
                 f"{type(feature_target).__name__}: pass fm = specdec.kit.features.feature_model"
                 "(target), and give the same fm to the DrafterDecoder")
-        hidden = hidden_size_of(feature_target)
-        if int(heads.hidden_size) != hidden:
-            raise ValueError(
-                f"the Medusa heads read hidden size {heads.hidden_size}, but the target's hidden "
-                f"size is {hidden}: load heads trained for this target (--heads DIR), or train "
-                "them with scripts/train_heads.py")
+        check_heads_fit(heads, feature_target)
         self.heads, self.target = heads, feature_target
         self.vocab_size: Optional[int] = None
         self.reset()

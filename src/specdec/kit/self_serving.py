@@ -42,8 +42,9 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
-from specdec.kit.features import FeatureModel, hidden_size_of
+from specdec.kit.features import FeatureModel, check_eagle_fits, hidden_size_of
 from specdec.kit.models import model_vocab_size
+from specdec.kit.self_drafters import check_heads_fit
 
 _NEG = -1e30  # the logit of a token a one-hot guess rules out (finite: softmax stays exact)
 
@@ -112,10 +113,9 @@ class _CountingDraftModel(_SelfDraftModel):
         k, self._drafted = self._drafted, self._drafted + 1
         return self._logits[:, k : k + 1]
 
-    def _guess(self, tokens: mx.array, width: int) -> mx.array:
-        """Logits [B, width, V] that propose tokens[b] at every position (a one-hot q)."""
-        one = mx.where(mx.arange(self.vocab_size) == tokens[:, None], 0.0, _NEG)  # [B, V]
-        return mx.broadcast_to(one[:, None, :], (tokens.shape[0], width, self.vocab_size))
+    def _one_hot_logits(self, tokens: mx.array) -> mx.array:
+        """Logits [..., V] whose softmax (at any temperature) is one-hot on `tokens` [...]."""
+        return mx.where(mx.arange(self.vocab_size) == tokens[..., None], 0.0, _NEG)
 
 
 class HeadsDraftModel(_CountingDraftModel):
@@ -128,9 +128,7 @@ class HeadsDraftModel(_CountingDraftModel):
 
     def __init__(self, heads: Any, target: FeatureModel):
         super().__init__(target)
-        if int(heads.hidden_size) != hidden_size_of(target):
-            raise ValueError(f"the Medusa heads read hidden size {heads.hidden_size}, but the target's "
-                             f"hidden size is {hidden_size_of(target)}: load heads trained for this target")
+        check_heads_fit(heads, target)
         self.heads, self.max_drafts = heads, int(heads.num_heads)
 
     def features_of_call(self) -> mx.array:
@@ -139,7 +137,7 @@ class HeadsDraftModel(_CountingDraftModel):
     def _propose(self, inputs: mx.array) -> mx.array:
         features, known = self.row_features()
         logits = self.heads(features[:, 1], self.target.lm_head).astype(mx.float32)  # [B, K, V]
-        guess = self._guess(inputs[:, -1], logits.shape[1])  # no hidden state yet: repeat C[-1]
+        guess = self._one_hot_logits(inputs[:, -1:])  # [B, 1, V]: no hidden state yet, repeat C[-1]
         return mx.where(known[:, None, None], logits, guess)
 
 
@@ -165,8 +163,7 @@ class NgramDraftModel(_CountingDraftModel):
         for text in self.row_texts():
             found = self.find(text, self.max_ngram, self.min_ngram, K)
             proposals.append(found if len(found) == K else [text[-1]] * K)
-        tokens = mx.array(proposals, dtype=mx.int32)  # [B, K]
-        return mx.where(mx.arange(self.vocab_size) == tokens[..., None], 0.0, _NEG)
+        return self._one_hot_logits(mx.array(proposals, dtype=mx.int32))  # [B, K, V]
 
 
 class EagleDraftModel(_SelfDraftModel):
@@ -180,12 +177,7 @@ class EagleDraftModel(_SelfDraftModel):
 
     def __init__(self, layer: Any, target: FeatureModel):
         super().__init__(target)
-        if tuple(target.taps) != tuple(layer.taps):
-            raise ValueError(f"the target's FeatureModel keeps taps {list(target.taps)} but the EAGLE "
-                             f"layer reads taps {list(layer.taps)}: use FeatureModel(model, layer.taps)")
-        if hidden_size_of(target) != layer.hidden_size:
-            raise ValueError(f"the EAGLE layer's hidden size {layer.hidden_size} != the target's "
-                             f"{hidden_size_of(target)}: load a drafter trained for this target")
+        check_eagle_fits(layer, target)
         self.layer = layer
         self.embed = target.model.model.embed_tokens
         self._h: Optional[mx.array] = None
@@ -199,9 +191,8 @@ class EagleDraftModel(_SelfDraftModel):
 
     def _prefill(self, inputs, cache):
         # prefill_request fed the target P[:-1] just before: its features are positions 0..P-2.
-        U = inputs.shape[1]
-        earlier = self.features_of_call()[:, : U - 1]
-        features = mx.concatenate([mx.zeros_like(self.features_of_call()[:, :1]), earlier], axis=1)
+        known = self.features_of_call()  # [1, P - 1, D]
+        features = mx.concatenate([mx.zeros_like(known[:, :1]), known[:, : inputs.shape[1] - 1]], axis=1)
         self.layer(features, self.embed(inputs), cache=cache[0])
         return mx.zeros((*inputs.shape, 1))  # prefill_request never reads it
 
@@ -255,6 +246,7 @@ def self_draft_scheduler(Scheduler: type) -> type:
                 self.draft_model.phase = "first"
                 return events
             events, cap, fm = [], self.max_batch, self.target_model
+            blank = mx.zeros((2, hidden_size_of(fm)))  # features of positions -2 and -1
             self.draft_model.phase = "prefill"
             try:
                 while self.waiting and len(self.rows) < cap:
@@ -264,10 +256,9 @@ def self_draft_scheduler(Scheduler: type) -> type:
                     if len(self.rows) > before:
                         request = self.rows[-1]
                         known = len(request.prompt) >= 2 and fm.calls > calls
-                        D = hidden_size_of(fm)
-                        features = mx.zeros((2, D))
+                        features = blank
                         if known:  # the prefill's features of positions 0..P-2
-                            features = mx.concatenate([features, self.draft_model.features_of_call()[0]])[-2:]
+                            features = mx.concatenate([blank, self.draft_model.features_of_call()[0]])[-2:]
                         mx.eval(features)
                         self.features[id(request)] = (features, known)
             finally:
@@ -281,18 +272,17 @@ def self_draft_scheduler(Scheduler: type) -> type:
                 if self.draft_cache is not None:  # a counting cache: nothing else evaluates it
                     mx.eval(self.draft_cache[0].state)
                 return events, accepted
-            rows = list(self.rows)
+            rows, (old, _) = list(self.rows), self.row_features()
             new = self.draft_model.features_of_call()  # [B, K + 1, D]: positions n-1 .. n+K-1
             if K > 1:
                 self.draft_model.refeed(self.draft_cache, draft_tokens[:, : K - 1], new[:, : K - 1])
             events, accepted = super().commit_round(K, target_logits, draft_tokens, q_draft)
-            kept = {id(r) for r in self.rows}
-            for b, r in enumerate(rows):
-                if id(r) in kept:
-                    old, _ = self.features[id(r)]
-                    n = accepted[b]
-                    self.features[id(r)] = (mx.concatenate([old[1:], new[b]])[n : n + 2], True)
-            self.features = {key: value for key, value in self.features.items() if key in kept}
+            # Row b's features of positions n-2 .. n+K-1 are [old[b, 1], new[b]]; it keeps the
+            # two at its new n'-2 and n'-1, n' = n + accepted[b] + 1.
+            at = mx.array(accepted)[:, None] + mx.arange(2)[None]  # [B, 2]
+            kept = mx.take_along_axis(mx.concatenate([old[:, 1:], new], axis=1), at[..., None], axis=1)
+            running = {id(r) for r in self.rows}
+            self.features = {id(r): (kept[b], True) for b, r in enumerate(rows) if id(r) in running}
             # The Medusa cache's keys feed nothing that is evaluated: evaluate them here, or
             # their graph would grow round after round.
             mx.eval([f for f, _ in self.features.values()],
