@@ -35,14 +35,11 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
-
 from specdec.kit.cli.common import bench_prompts
-from specdec.kit.drafter_registry import DrafterOptions, batched_draft, choose_skip
+from specdec.kit.drafter_registry import DrafterOptions, batched_draft
 from specdec.kit.impl import get_impl
 from specdec.kit.loading import load_pair
 from specdec.kit.self_serving import self_draft_scheduler
-from specdec.kit.stats import SpecStats
 from specdec.kit.timing import blas_info
 
 REF = get_impl("ref")
@@ -54,12 +51,13 @@ def log(message: str) -> None:
 
 
 def scheduled(target, draft, k: int, controller: bool, max_tokens: int):
-    """A decode function (rows, max_batch) -> (outputs, stats, batched rounds) through the scheduler: `draft` None (plain), a
-    draft model, or a self_serving adapter; fixed K = k, or the fallback controller (K <= k)."""
+    """A decode function (rows, max_batch) -> (outputs, stats, batched rounds) through the
+    scheduler: `draft` None (plain), a draft model, or a self_serving adapter; fixed K = k, or
+    the fallback controller (K <= k)."""
     def run(rows, max_batch):
         settings = dict(lookahead=k, max_batch=max_batch, controller=REF.fallback.FallbackController(
             max_lookahead=k, initial_lookahead=k) if controller else None)
-        if draft is not None and hasattr(draft, "row_features"):  # Medusa heads or EAGLE
+        if draft is not None and hasattr(draft, "row_features"):  # a self_serving adapter
             scheduler = self_draft_scheduler(REF.serving.Scheduler)(draft, **settings)
         else:
             scheduler = REF.serving.Scheduler(target, draft, **settings)

@@ -143,6 +143,14 @@ def load_medusa_heads(impl, target, heads: HeadsSpec = None):
     return heads
 
 
+def untrained_medusa_heads(impl, target, num_heads: int = 3):
+    """Fresh MedusaHeads for `target` (toy-llama has no trained ones): zero-initialised, so every
+    head is a copy of the LM head."""
+    from specdec.kit.features import hidden_size_of
+
+    return _part(impl, "medusa", "MedusaHeads", "medusa")(hidden_size_of(target), num_heads)
+
+
 def _medusa(impl, target, draft, lookahead, options):
     from specdec.kit.features import feature_model
     from specdec.kit.self_drafters import MedusaDrafter

@@ -339,6 +339,7 @@ class Models:
     draft_name: Optional[str]
     # What `prepare_drafter` settled once per run: loaded heads, the layers to skip.
     drafter_options: DrafterOptions = DrafterOptions()
+    batched: Any = None  # (drafter name, what drafts for its --batch): built once per run
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:  # toy-llama: one token per byte, folded into its vocabulary
@@ -424,9 +425,7 @@ def prepare_drafter(impl, models: Models, config, args: argparse.Namespace) -> l
     """Settle the drafter's options once for the run, into `models.drafter_options`: load the
     Medusa heads (--heads, the shipped ones, or for toy-llama untrained ones), choose the layers
     to skip (--skip-layers). Returns '# ...' lines saying what was chosen; CLIError on problems."""
-    from specdec.kit.drafter_registry import choose_skip, load_medusa_heads
-    from specdec.kit.features import hidden_size_of
-
+    from specdec.kit.drafter_registry import choose_skip, load_medusa_heads, untrained_medusa_heads
     from specdec.kit.loading import DEFAULT_TARGET
 
     heads, notes = getattr(args, "heads", None), []
@@ -440,8 +439,7 @@ def prepare_drafter(impl, models: Models, config, args: argparse.Namespace) -> l
     try:
         if config.drafter == "medusa":
             if heads is None and models.target_name == TOY:
-                Heads = feature(impl, "medusa", "MedusaHeads", "--drafter medusa")
-                loaded = Heads(hidden_size_of(models.target), 3)  # zero init: LM-head copies
+                loaded = untrained_medusa_heads(impl, models.target)
                 where = "untrained (toy-llama: each head a copy of the LM head)"
             else:
                 from specdec.kit.features import MEDUSA_HEADS
@@ -567,14 +565,13 @@ def batched_drafter(impl, models: Models, config):
     run (`drafter_registry.batched_draft`; medusa and eagle: a kit/self_serving adapter)."""
     from specdec.kit.drafter_registry import DrafterError, batched_draft
 
-    cached = getattr(models, "_batched_drafter", None)
-    if cached is not None and cached[0] == config.drafter:
-        return cached[1]
+    if models.batched is not None and models.batched[0] == config.drafter:
+        return models.batched[1]
     try:
         draft = batched_draft(impl, config.drafter, models.target, models.draft, models.drafter_options)
     except DrafterError as e:
         raise CLIError(str(e)) from None
-    models._batched_drafter = (config.drafter, draft)
+    models.batched = (config.drafter, draft)
     return draft
 
 

@@ -280,7 +280,7 @@ def self_drafter(impl, target, args):
     """(make(**scheduler settings) -> a scheduler drafting by prompt lookup, with Medusa heads or
     with EAGLE, a line saying what was loaded). Weights load once; each scheduler gets its own
     adapter (`specdec.kit.self_serving`). ValueError (a DrafterError) when they do not fit."""
-    from specdec.kit.drafter_registry import DrafterOptions, batched_draft
+    from specdec.kit.drafter_registry import load_eagle_layer, load_medusa_heads, untrained_medusa_heads
     from specdec.kit.features import EAGLE_DRAFTER, MEDUSA_HEADS, FeatureModel
     from specdec.kit.self_serving import (EagleDraftModel, HeadsDraftModel, NgramDraftModel,
                                           self_draft_scheduler)
@@ -290,24 +290,16 @@ def self_drafter(impl, target, args):
         find = impl.drafters.find_ngram_continuation
         return (lambda **settings: Scheduler(NgramDraftModel(target, find), **settings),
                 "drafter ngram: prompt lookup in each row's text (n-grams of 3 down to 1 token)")
-    if args.target == TOY and args.drafter == "medusa" and args.heads is None:
-        heads = impl.medusa.MedusaHeads(int(target.args.hidden_size), 3)  # untrained: LM-head copies
-        where = "untrained (toy-llama)"
-    else:
-        options = DrafterOptions(heads=args.heads, eagle=args.heads)
-        first = batched_draft(impl, args.drafter, target, options=options)
-        heads = getattr(first, "heads", None) or first.layer
-        where = args.heads or (MEDUSA_HEADS if args.drafter == "medusa" else EAGLE_DRAFTER)
-
-    def make(**settings):
-        if args.drafter == "medusa":
-            adapter = HeadsDraftModel(heads, FeatureModel(target))
+    if args.drafter == "medusa":
+        if args.target == TOY and args.heads is None:
+            heads, where = untrained_medusa_heads(impl, target), "untrained (toy-llama)"
         else:
-            adapter = EagleDraftModel(heads, FeatureModel(target, heads.taps))
-        return Scheduler(adapter, **settings)
-
-    what = f"{heads.num_heads} Medusa heads" if args.drafter == "medusa" else "the EAGLE drafter"
-    return make, f"drafter {args.drafter}: {what} from {where}"
+            heads, where = load_medusa_heads(impl, target, args.heads), args.heads or MEDUSA_HEADS
+        return (lambda **settings: Scheduler(HeadsDraftModel(heads, FeatureModel(target)), **settings),
+                f"drafter medusa: {heads.num_heads} Medusa heads from {where}")
+    layer = load_eagle_layer(impl, target, args.heads)
+    return (lambda **settings: Scheduler(EagleDraftModel(layer, FeatureModel(target, layer.taps)), **settings),
+            f"drafter eagle: the EAGLE drafter from {args.heads or EAGLE_DRAFTER}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
