@@ -576,10 +576,11 @@ def batched_drafter(impl, models: Models, config):
 
 
 def run_batched(impl, models: Models, token_rows: list[list[int]], config, key, stats, eos,
-                mode: str, controller=None):
+                mode: str, controller=None, sampling=None):
     """Batched decoding of `token_rows`. mode: "plain" (greedy), "speculative" (fixed K) or
     "fallback" (K from `controller`, 0 = a plain round). --drafter ngram|medusa|eagle run in
-    Week 4 Day 5's scheduler (kit/self_serving.py), and so does their plain baseline."""
+    Week 4 Day 5's scheduler (kit/self_serving.py), and so does their plain baseline; there
+    row i samples with seed config.seed + i under `sampling` (None: the scheduler's default)."""
     batch_prompts = [list(row) for row in token_rows]
     draft = models.draft
     if mode != "plain" and config.drafter != "model":
@@ -590,7 +591,7 @@ def run_batched(impl, models: Models, token_rows: list[list[int]], config, key, 
             Scheduler = feature(impl, "serving", "Scheduler", f"--batch with --drafter {config.drafter}")
             seeds = [config.seed + i for i in range(len(batch_prompts))]
             return decode_batch(Scheduler, draft, batch_prompts, config.max_tokens, config.lookahead,
-                                config.temperature, seeds, eos, controller, stats)
+                                config.temperature, seeds, eos, controller, stats, sampling)
     if mode == "fallback":
         decode = feature(impl, "fallback", "batched_fallback_decode", "--batch with fallback")
         return decode(batch_prompts, draft, models.target, controller,

@@ -226,13 +226,10 @@ def generate_batch(impl, models: Models, config, first_prompt: str, key, coupled
     stats = SpecStats()
     controller = make_controller(impl, config)
     start = time.perf_counter()
+    mode = "fallback" if controller is not None else "speculative"
     if coupled and config.drafter in SCHEDULED_DRAFTERS:  # the scheduler, with the coupled rule
-        from specdec.kit.self_serving import decode_batch
-
-        Scheduler = feature(impl, "serving", "Scheduler", f"--batch with --drafter {config.drafter}")
-        outputs = decode_batch(Scheduler, batched_drafter(impl, models, config), rows, config.max_tokens,
-                               config.lookahead, config.temperature, [config.seed + i for i in range(len(rows))],
-                               models.eos_token_ids, controller, stats, sampling=impl.serving.COUPLED)
+        outputs = run_batched(impl, models, rows, config, key, stats, models.eos_token_ids, mode,
+                              controller, sampling=impl.serving.COUPLED)
     elif coupled:  # row i samples with seed + i, whatever its batch-mates
         from specdec.kit.coupled_faults import batched_coupled_decode_surviving_faults
 
@@ -244,8 +241,7 @@ def generate_batch(impl, models: Models, config, first_prompt: str, key, coupled
             eos_token_ids=models.eos_token_ids, controller=controller, stats=stats,
             package=impl.package)
     else:
-        outputs = run_batched(impl, models, rows, config, key, stats, models.eos_token_ids,
-                              "fallback" if controller is not None else "speculative", controller)
+        outputs = run_batched(impl, models, rows, config, key, stats, models.eos_token_ids, mode, controller)
     wall = time.perf_counter() - start
     total = 0
     for i, (prompt_ids, out) in enumerate(zip(rows, outputs)):
